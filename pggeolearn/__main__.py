@@ -1,0 +1,3 @@
+from pggeolearn.cli.main import main
+
+main()

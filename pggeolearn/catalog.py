@@ -1,0 +1,112 @@
+"""The catalog tables of schema ``pggeolearn``, declared once (SQLAlchemy Core + GeoAlchemy2).
+
+Migrations create exactly these tables (a test compares them with Alembic's autogenerate), and
+code off the hot path may use them for typed queries. Hot paths use psycopg directly.
+"""
+
+from __future__ import annotations
+
+from geoalchemy2 import Geometry, Raster
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    CheckConstraint,
+    Column,
+    DateTime,
+    Double,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    REAL,
+    Table,
+    Text,
+    func,
+)
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB
+
+SCHEMA = "pggeolearn"
+metadata = MetaData(schema=SCHEMA)
+
+datasets = Table(
+    "datasets",
+    metadata,
+    Column("name", Text, primary_key=True),
+    Column("srid", Integer, nullable=False),
+    Column("resolution", Double, nullable=False),
+    Column("tile_px", Integer, nullable=False),
+    Column("overlap_px", Integer, nullable=False, server_default="0"),
+    Column("minx", Double, nullable=False),
+    Column("miny", Double, nullable=False),
+    Column("maxx", Double, nullable=False),
+    Column("maxy", Double, nullable=False),
+    Column("image_sql", Text, nullable=False),
+    Column("label_sql", Text, nullable=False),
+    Column("classes", JSONB, nullable=False),
+    Column("all_touched", Boolean, nullable=False, server_default="false"),
+    Column("recipe", JSONB, nullable=False),
+    Column("recipe_hash", Text, nullable=False),
+    Column("stats", JSONB),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    CheckConstraint("resolution > 0", name="datasets_resolution_positive"),
+    CheckConstraint("tile_px BETWEEN 8 AND 4096", name="datasets_tile_px_range"),
+    CheckConstraint("overlap_px >= 0 AND overlap_px < tile_px", name="datasets_overlap_range"),
+    CheckConstraint("maxx > minx AND maxy > miny", name="datasets_extent_nonempty"),
+)
+
+chips = Table(
+    "chips",
+    metadata,
+    Column("dataset", Text, ForeignKey(f"{SCHEMA}.datasets.name", ondelete="CASCADE"),
+           primary_key=True),
+    Column("tile_id", Integer, primary_key=True),
+    Column("geom", Geometry("POLYGON", spatial_index=False), nullable=False),
+    Column("image", Raster(spatial_index=False)),
+    Column("label", Raster(spatial_index=False)),
+    Column("split", Text),
+    Column("nodata_frac", REAL),
+    Column("class_counts", ARRAY(BigInteger)),
+    Column("recipe_hash", Text, nullable=False),
+    Column("built_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+)
+Index("chips_geom_idx", chips.c.geom, postgresql_using="gist")
+
+models = Table(
+    "models",
+    metadata,
+    Column("name", Text, primary_key=True),
+    Column("dataset", Text, nullable=False),
+    Column("recipe_hash", Text, nullable=False),
+    Column("framework", Text, nullable=False),
+    Column("architecture", JSONB, nullable=False),
+    Column("hyperparameters", JSONB, nullable=False),
+    Column("classes", JSONB, nullable=False),
+    Column("normalization", JSONB, nullable=False),
+    Column("tile_px", Integer, nullable=False),
+    Column("resolution", Double, nullable=False),
+    Column("srid", Integer, nullable=False),
+    Column("bands", Integer, nullable=False),
+    Column("weights", LargeBinary, nullable=False),
+    Column("metrics", JSONB, nullable=False),
+    Column("best_epoch", Integer),
+    Column("package_version", Text, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+)
+
+runs = Table(
+    "runs",
+    metadata,
+    Column("run_id", BigInteger, primary_key=True, autoincrement=True),
+    Column("kind", Text, nullable=False),
+    Column("model", Text),
+    Column("dataset", Text),
+    Column("params", JSONB, nullable=False, server_default="{}"),
+    Column("extent", Geometry("POLYGON", spatial_index=False)),
+    Column("status", Text, nullable=False, server_default="running"),
+    Column("outputs", JSONB, nullable=False, server_default="{}"),
+    Column("error", Text),
+    Column("started_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Column("finished_at", DateTime(timezone=True)),
+    CheckConstraint("status IN ('running', 'done', 'failed')", name="runs_status_valid"),
+)

@@ -1,0 +1,1 @@
+"""The ``pggeolearn`` command: thin click groups over library calls, one module per group."""

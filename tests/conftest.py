@@ -1,0 +1,109 @@
+"""Shared fixtures: a real PostgreSQL + PostGIS for the session, an isolated database per test.
+
+PGGEOLEARN_TEST_DSN names a server to use (its role must be able to CREATE DATABASE);
+otherwise the embedded cluster is started in a temporary directory, through the same code
+users run (as root, that also exercises the unprivileged-server-user path). Without
+PostgreSQL binaries the database tests skip locally and fail under CI=true.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+import psycopg
+import pytest
+from psycopg import sql
+
+from pggeolearn import errors
+from pggeolearn.db import cluster as cl
+from pggeolearn.db import schema
+
+BANEPA = Path(__file__).resolve().parents[2] / "shared" / "data" / "banepa"
+TEST_SETTINGS = {"fsync": "off", "full_page_writes": "off", "synchronous_commit": "off"}
+
+
+def _with_dbname(dsn: str, dbname: str) -> str:
+    return psycopg.conninfo.make_conninfo(dsn, dbname=dbname)
+
+
+@pytest.fixture(scope="session")
+def pg_admin_dsn(tmp_path_factory) -> str:
+    """DSN of a maintenance database on a live server (session-wide)."""
+    dsn = os.environ.get("PGGEOLEARN_TEST_DSN")
+    if dsn:
+        yield dsn
+        return
+    cluster = cl.Cluster(tmp_path_factory.mktemp("pg") / "pgdata", settings=TEST_SETTINGS)
+    try:
+        cluster.up(dbname="pggeolearn")
+    except errors.MissingDependency as exc:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"PostgreSQL/PostGIS required under CI: {exc}")
+        pytest.skip(f"no PostgreSQL: {exc}")
+    yield cluster.dsn("postgres")
+    cluster.destroy()
+
+
+@pytest.fixture(scope="session")
+def template_dsn(pg_admin_dsn) -> str:
+    """A database with PostGIS and schema pggeolearn installed, used as a template."""
+    name = f"pgl_template_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(pg_admin_dsn, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    dsn = _with_dbname(pg_admin_dsn, name)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("CREATE EXTENSION IF NOT EXISTS postgis")
+        conn.execute("CREATE EXTENSION IF NOT EXISTS postgis_raster")
+    schema.upgrade(dsn)
+    yield dsn
+    with psycopg.connect(pg_admin_dsn, autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+def _clone(admin_dsn: str, template: str) -> str:
+    name = f"pgl_test_{uuid.uuid4().hex[:10]}"
+    tmpl = psycopg.conninfo.conninfo_to_dict(template)["dbname"]
+    with psycopg.connect(admin_dsn, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(
+            sql.Identifier(name), sql.Identifier(tmpl)))
+    return name
+
+
+def _drop(admin_dsn: str, name: str) -> None:
+    with psycopg.connect(admin_dsn, autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+@pytest.fixture
+def db_dsn(pg_admin_dsn, template_dsn) -> str:
+    """DSN of a fresh database (a clone of the template) that this test alone uses."""
+    name = _clone(pg_admin_dsn, template_dsn)
+    yield _with_dbname(pg_admin_dsn, name)
+    _drop(pg_admin_dsn, name)
+
+
+@pytest.fixture
+def conn(db_dsn) -> psycopg.Connection:
+    """An autocommit connection to this test's own database."""
+    with psycopg.connect(db_dsn, autocommit=True) as connection:
+        yield connection
+
+
+@pytest.fixture
+def empty_db_dsn(pg_admin_dsn) -> str:
+    """DSN of a new database with nothing installed (for schema install tests)."""
+    name = f"pgl_empty_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(pg_admin_dsn, autocommit=True) as c:
+        c.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    yield _with_dbname(pg_admin_dsn, name)
+    _drop(pg_admin_dsn, name)
+
+
+@pytest.fixture(scope="session")
+def banepa() -> Path:
+    """The real Banepa data in ../shared/data/banepa, or a skip when it is absent."""
+    if not (BANEPA / "imagery").is_dir():
+        pytest.skip(f"real data not present at {BANEPA}")
+    return BANEPA
