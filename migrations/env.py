@@ -2,12 +2,14 @@
 
 pggeolearn.db.schema runs Alembic with an open SQLAlchemy connection in
 ``config.attributes["connection"]``; the whole upgrade is one transaction (PostgreSQL has
-transactional DDL), so a failed upgrade leaves the database as it was.
+transactional DDL), so a failed upgrade leaves the database as it was. After the
+migrations, the functions of sql/NN_*.sql are (re)installed in the same transaction.
 """
 
 from alembic import context
 
 from pggeolearn.catalog import SCHEMA, metadata
+from pggeolearn.db.schema import install_functions
 
 connection = context.config.attributes["connection"]
 context.configure(
@@ -21,3 +23,5 @@ context.configure(
 with context.begin_transaction():
     connection.exec_driver_sql(f"CREATE SCHEMA IF NOT EXISTS {SCHEMA}")
     context.run_migrations()
+    # The SQL functions always match the installed package, whatever the revision.
+    install_functions(connection)

@@ -8,7 +8,6 @@ Create Date: ${create_date}
 from alembic import op
 import sqlalchemy as sa
 ${imports if imports else ""}
-from pggeolearn.db.schema import install_functions
 
 revision = ${repr(up_revision)}
 down_revision = ${repr(down_revision)}
@@ -18,7 +17,6 @@ depends_on = ${repr(depends_on)}
 
 def upgrade() -> None:
     ${upgrades if upgrades else "pass"}
-    install_functions(op.get_bind())
 
 
 def downgrade() -> None:

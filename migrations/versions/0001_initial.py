@@ -10,8 +10,6 @@ from alembic import op
 from geoalchemy2 import Geometry, Raster
 from sqlalchemy.dialects import postgresql as pg
 
-from pggeolearn.db.schema import install_functions
-
 revision = "0001"
 down_revision = None
 branch_labels = None
@@ -106,7 +104,6 @@ def upgrade() -> None:
         sa.CheckConstraint("status IN ('running', 'done', 'failed')", name="runs_status_valid"),
         schema=S,
     )
-    install_functions(op.get_bind())
 
 
 def downgrade() -> None:

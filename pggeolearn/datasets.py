@@ -1,0 +1,379 @@
+"""Dataset recipes: a grid, image SQL, label SQL and classes, stored in ``pggeolearn.datasets``.
+
+The SQL a user writes sees a one-row relation ``tile`` with columns ``tile_id``, ``tile_geom``
+(the tile's envelope in the grid CRS), ``tile_rast`` (an empty reference raster of the tile),
+``tile_srid`` and ``tile_res``, joined LATERAL so the query may name them without a FROM
+entry; the prefixes keep them from clashing with the user's columns. Image SQL returns rasters in a column ``rast``; label SQL returns rows
+``(geom, class_id [, buffer_m])``. Both are checked here (one statement, right columns, they run
+on a sample tile) before anything is stored, inside READ ONLY transactions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import tomllib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from pggeolearn import errors
+from pggeolearn.db.errors import db_errors, first_line
+from pggeolearn.db.names import split_table
+from pggeolearn.db.readonly import read_only
+from pggeolearn.db.schema import require_schema
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+INT_TYPES = {"int2", "int4", "int8"}
+NUMBER_TYPES = INT_TYPES | {"float4", "float8", "numeric"}
+TILE_CTE = """WITH tile AS (
+    SELECT g.tile_id, g.geom AS tile_geom, g.ref_rast AS tile_rast, %(srid)s::integer AS tile_srid,
+           %(resolution)s::float8 AS tile_res
+    FROM pggeolearn.tile_grid(%(srid)s, %(resolution)s, %(tile_px)s, %(minx)s, %(miny)s,
+                              %(maxx)s, %(maxy)s, %(overlap_px)s) g
+    WHERE g.tile_id = %(tile_id)s)
+"""
+WHOLE_EXTENT_CTE = """WITH tile AS (
+    SELECT -1 AS tile_id, ST_MakeEnvelope(%(minx)s, %(miny)s, %(maxx)s, %(maxy)s, %(srid)s) AS tile_geom,
+           ST_MakeEmptyRaster(1, 1, %(minx)s, %(maxy)s, %(maxx)s - %(minx)s, %(miny)s - %(maxy)s,
+                              0, 0, %(srid)s) AS tile_rast,
+           %(srid)s::integer AS tile_srid, %(resolution)s::float8 AS tile_res)
+"""
+
+
+@dataclass
+class Recipe:
+    """What a dataset is made of. ``extent`` is (minx, miny, maxx, maxy) in the grid's CRS;
+    ``extent_from`` names a raster or geometry table whose extent to use instead."""
+
+    name: str
+    srid: int
+    resolution: float
+    image_sql: str
+    label_sql: str
+    classes: dict[int, str]
+    tile_px: int = 256
+    overlap_px: int = 0
+    extent: tuple[float, float, float, float] | None = None
+    extent_from: str | None = None
+    all_touched: bool = False
+
+    @classmethod
+    def from_toml(cls, path: str | Path, **overrides: Any) -> Recipe:
+        try:
+            data = tomllib.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise errors.ConfigError(f"recipe file not found: {path}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise errors.ConfigError(f"{path}: not valid TOML: {exc}") from exc
+        data.update({k: v for k, v in overrides.items() if v is not None})
+        return cls.from_dict(data)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Recipe:
+        known = set(cls.__dataclass_fields__)
+        unknown = set(data) - known
+        if unknown:
+            raise errors.ConfigError(f"unknown recipe keys: {', '.join(sorted(unknown))}")
+        missing = {"name", "srid", "resolution", "image_sql", "label_sql", "classes"} - set(data)
+        if missing:
+            raise errors.ConfigError(f"recipe is missing: {', '.join(sorted(missing))}")
+        data = dict(data)
+        data["classes"] = parse_classes(data["classes"])
+        if data.get("extent") is not None:
+            data["extent"] = tuple(float(v) for v in data["extent"])
+        return cls(**data)
+
+    def validate(self) -> None:
+        if not NAME_RE.match(self.name or ""):
+            raise errors.ConfigError(
+                f"bad dataset name {self.name!r}: letters, digits, '_', '.', '-' (max 63)")
+        if not self.resolution or self.resolution <= 0:
+            raise errors.ConfigError("resolution must be > 0")
+        if not 8 <= self.tile_px <= 4096:
+            raise errors.ConfigError("tile size must be between 8 and 4096 pixels")
+        if not 0 <= self.overlap_px < self.tile_px:
+            raise errors.ConfigError("overlap must be >= 0 and smaller than the tile size")
+        if (self.extent is None) == (self.extent_from is None):
+            raise errors.ConfigError("give exactly one of extent (minx miny maxx maxy) or extent_from (a table)")
+        if self.extent is not None:
+            minx, miny, maxx, maxy = self.extent
+            if not (maxx > minx and maxy > miny):
+                raise errors.ConfigError(f"empty extent {self.extent}")
+        if not self.classes:
+            raise errors.ConfigError("at least one class is needed (e.g. classes = {1 = 'road'})")
+
+    def content(self) -> dict[str, Any]:
+        """Everything that decides the chips' pixels (what the hash covers); not the name."""
+        d = asdict(self)
+        d.pop("name")
+        d["classes"] = {str(k): v for k, v in sorted(self.classes.items())}
+        return d
+
+    def digest(self) -> str:
+        blob = json.dumps(self.content(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def parse_classes(value: Any) -> dict[int, str]:
+    """``{1: 'road'}``, ``{'1': 'road'}`` or ``'1=road,2=building'`` -> ``{1: 'road', 2: ...}``."""
+    if isinstance(value, str):
+        pairs = [p.split("=", 1) for p in value.split(",") if p.strip()]
+        if any(len(p) != 2 for p in pairs):
+            raise errors.ConfigError(f"classes must look like 1=road,2=building, not {value!r}")
+        value = {k.strip(): v.strip() for k, v in pairs}
+    out: dict[int, str] = {}
+    for k, v in dict(value).items():
+        try:
+            cid = int(k)
+        except (TypeError, ValueError):
+            raise errors.ConfigError(f"class id {k!r} is not an integer") from None
+        if not 1 <= cid <= 255:
+            raise errors.ConfigError(f"class id {cid} is outside 1..255 (0 is the background)")
+        out[cid] = str(v)
+    return dict(sorted(out.items()))
+
+
+@dataclass
+class Dataset:
+    """A stored recipe plus what was learned when it was created."""
+
+    recipe: Recipe
+    recipe_hash: str
+    ncols: int
+    nrows: int
+    label_columns: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    stats: dict[str, Any] | None = None
+
+    @property
+    def name(self) -> str:
+        return self.recipe.name
+
+    @property
+    def n_tiles(self) -> int:
+        return self.ncols * self.nrows
+
+    def describe(self) -> str:
+        r = self.recipe
+        minx, miny, maxx, maxy = r.extent
+        lines = [
+            f"dataset {r.name} (recipe {self.recipe_hash})",
+            f"grid: EPSG:{r.srid}, {r.resolution:g} units/px, {r.tile_px}px tiles"
+            + (f", overlap {r.overlap_px}px" if r.overlap_px else "")
+            + f", {self.ncols} x {self.nrows} = {self.n_tiles} tiles",
+            f"extent: {minx:.3f} {miny:.3f} {maxx:.3f} {maxy:.3f}",
+            "classes: 0=background, " + ", ".join(f"{k}={v}" for k, v in r.classes.items()),
+            f"rasterization: {'all touched' if r.all_touched else 'pixel centre'}; "
+            "overlaps: the higher class id wins",
+        ]
+        lines += [f"note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+def grid_shape(recipe: Recipe) -> tuple[int, int]:
+    """(ncols, nrows) exactly as pggeolearn.tile_grid computes them."""
+    import math
+
+    minx, miny, maxx, maxy = recipe.extent
+    size = recipe.tile_px * recipe.resolution
+    stride = (recipe.tile_px - recipe.overlap_px) * recipe.resolution
+    ncols = max(1, math.ceil(((maxx - minx) - size) / stride - 1e-9) + 1)
+    nrows = max(1, math.ceil(((maxy - miny) - size) / stride - 1e-9) + 1)
+    return ncols, nrows
+
+
+def _extent_from_table(conn: psycopg.Connection, table: str, srid: int) -> tuple[float, ...]:
+    schema, name = split_table(table)
+    row = conn.execute(
+        "SELECT r_raster_column FROM raster_columns WHERE r_table_schema = %s AND r_table_name = %s",
+        [schema, name]).fetchone()
+    if row:
+        expr = sql.SQL("ST_Envelope({})").format(sql.Identifier(row[0]))
+    else:
+        row = conn.execute(
+            "SELECT f_geometry_column FROM geometry_columns WHERE f_table_schema = %s AND f_table_name = %s",
+            [schema, name]).fetchone()
+        if not row:
+            raise errors.NotFound(f"table {schema}.{name} has no raster or geometry column "
+                                  "(is it in raster_columns / geometry_columns?)")
+        expr = sql.Identifier(row[0])
+    query = sql.SQL(
+        "SELECT ST_XMin(e), ST_YMin(e), ST_XMax(e), ST_YMax(e) FROM ("
+        "SELECT ST_Extent(ST_Transform({expr}, %s::integer)) AS e FROM {table}) s"
+    ).format(expr=expr, table=sql.Identifier(schema, name))
+    with db_errors(f"extent of {table}"):
+        ext = conn.execute(query, [srid]).fetchone()
+    if ext is None or ext[0] is None:
+        raise errors.ConfigError(f"table {table} is empty: no extent to take")
+    return tuple(float(v) for v in ext)
+
+
+def _type_names(conn: psycopg.Connection, oids: list[int]) -> list[str]:
+    rows = conn.execute("SELECT oid, typname FROM pg_type WHERE oid = ANY(%s)", [oids]).fetchall()
+    names = dict(rows)
+    return [names.get(o, "?") for o in oids]
+
+
+def _describe(conn: psycopg.Connection, kind: str, user_sql: str, params: dict) -> dict[str, str]:
+    """Column name -> type name of a recipe query, planned but not run (LIMIT 0)."""
+    query = sql.SQL(TILE_CTE + "SELECT q.* FROM tile, LATERAL ({}) AS q LIMIT 0").format(sql.SQL(_escape(user_sql)))
+    try:
+        with read_only(conn), conn.cursor() as cur:
+            cur.execute(query, params)
+            desc = cur.description
+    except psycopg.Error as exc:
+        raise errors.RecipeError(f"{kind} SQL fails: {first_line(exc)}") from exc
+    names = [c.name for c in desc]
+    return dict(zip(names, _type_names(conn, [c.type_code for c in desc]), strict=True))
+
+
+def _escape(user_sql: str) -> str:
+    """Recipe SQL is embedded as a subquery: strip a trailing ';' and escape psycopg's '%'."""
+    text = user_sql.strip().rstrip(";").strip()
+    if not text:
+        raise errors.RecipeError("empty SQL")
+    return text.replace("%", "%%")
+
+
+def _check_columns(image_cols: dict[str, str], label_cols: dict[str, str]) -> None:
+    if image_cols.get("rast") != "raster":
+        raise errors.RecipeError(
+            f"image SQL must return a raster column named rast; it returns {_fmt(image_cols)}")
+    if label_cols.get("geom") != "geometry":
+        raise errors.RecipeError(
+            f"label SQL must return a geometry column named geom; it returns {_fmt(label_cols)}")
+    if label_cols.get("class_id") not in INT_TYPES:
+        raise errors.RecipeError(
+            "label SQL must return an integer column class_id (smallint/integer/bigint); "
+            f"it returns {_fmt(label_cols)}")
+    if "buffer_m" in label_cols and label_cols["buffer_m"] not in NUMBER_TYPES:
+        raise errors.RecipeError(f"label SQL column buffer_m must be numeric, not {label_cols['buffer_m']}")
+
+
+def _fmt(cols: dict[str, str]) -> str:
+    return "(" + ", ".join(f"{k} {v}" for k, v in cols.items()) + ")"
+
+
+def _source_srids(conn, kind: str, user_sql: str, expr: str, params: dict) -> list[int]:
+    """SRIDs the recipe query returns over the whole extent (none: it returns nothing there)."""
+    query = sql.SQL(WHOLE_EXTENT_CTE + "SELECT DISTINCT ST_SRID(q.{col}) FROM ("
+                    "SELECT q0.* FROM tile, LATERAL ({user}) AS q0 LIMIT 1000) AS q").format(
+        col=sql.Identifier(expr), user=sql.SQL(_escape(user_sql)))
+    try:
+        with read_only(conn), conn.cursor() as cur:
+            cur.execute(query, params)
+            return [r[0] for r in cur.fetchall() if r[0] is not None]
+    except psycopg.Error as exc:
+        raise errors.RecipeError(f"{kind} SQL fails over the extent: {first_line(exc)}") from exc
+
+
+def create(conn: psycopg.Connection, recipe: Recipe, *, overwrite: bool = False,
+           sample_tile: int | None = None) -> Dataset:
+    """Validate and store a recipe. Nothing is written unless every check passes."""
+    recipe.validate()
+    require_schema(conn)
+    if not conn.execute("SELECT 1 FROM spatial_ref_sys WHERE srid = %s", [recipe.srid]).fetchone():
+        raise errors.SridMismatch(f"unknown SRID {recipe.srid} (not in spatial_ref_sys)")
+    if recipe.extent is None:
+        recipe.extent = _extent_from_table(conn, recipe.extent_from, recipe.srid)
+    ncols, nrows = grid_shape(recipe)
+    tile = sample_tile if sample_tile is not None else (nrows // 2) * ncols + ncols // 2
+    minx, miny, maxx, maxy = recipe.extent
+    params = dict(srid=recipe.srid, resolution=recipe.resolution, tile_px=recipe.tile_px,
+                  minx=minx, miny=miny, maxx=maxx, maxy=maxy, overlap_px=recipe.overlap_px,
+                  tile_id=tile)
+    image_cols = _describe(conn, "image", recipe.image_sql, params)
+    label_cols = _describe(conn, "label", recipe.label_sql, params)
+    _check_columns(image_cols, label_cols)
+
+    notes: list[str] = []
+    image_srids = _source_srids(conn, "image", recipe.image_sql, "rast", params)
+    if not image_srids:
+        raise errors.RecipeError("image SQL returns no raster anywhere in the extent (no imagery there?)")
+    label_srids = _source_srids(conn, "label", recipe.label_sql, "geom", params)
+    if not label_srids:
+        raise errors.RecipeError("label SQL returns no geometry anywhere in the extent")
+    for kind, srids in (("imagery", image_srids), ("label geometries", label_srids)):
+        if 0 in srids:
+            raise errors.SridMismatch(f"{kind} have SRID 0: set their SRID (ST_SetSRID) first")
+        other = sorted(set(srids) - {recipe.srid})
+        if other:
+            notes.append(f"{kind} in EPSG:{', EPSG:'.join(map(str, other))} are reprojected "
+                         f"to the grid's EPSG:{recipe.srid}")
+
+    meta = recipe.content() | {"label_has_buffer": "buffer_m" in label_cols}
+    digest = recipe.digest()
+    row = dict(name=recipe.name, srid=recipe.srid, resolution=recipe.resolution,
+               tile_px=recipe.tile_px, overlap_px=recipe.overlap_px, minx=minx, miny=miny,
+               maxx=maxx, maxy=maxy, image_sql=recipe.image_sql.strip().rstrip(";"),
+               label_sql=recipe.label_sql.strip().rstrip(";"),
+               classes=json.dumps({str(k): v for k, v in recipe.classes.items()}),
+               all_touched=recipe.all_touched, recipe=json.dumps(meta), recipe_hash=digest)
+    with conn.transaction():
+        exists = conn.execute("SELECT recipe_hash FROM pggeolearn.datasets WHERE name = %s",
+                              [recipe.name]).fetchone()
+        if exists and not overwrite:
+            raise errors.AlreadyExists(f"dataset {recipe.name} exists (use --overwrite to replace it)")
+        if exists:
+            conn.execute("DELETE FROM pggeolearn.datasets WHERE name = %s", [recipe.name])
+        cols = list(row)
+        conn.execute(
+            sql.SQL("INSERT INTO pggeolearn.datasets ({}) VALUES ({})").format(
+                sql.SQL(", ").join(map(sql.Identifier, cols)),
+                sql.SQL(", ").join(sql.Placeholder(c) for c in cols)), row)
+        # From here the transaction may not write: the trial runs the user's SQL read-only.
+        conn.execute("SET LOCAL transaction_read_only = on")
+        conn.execute("SELECT set_config('statement_timeout', '120s', true)")
+        _trial(conn, recipe, tile)
+    return get(conn, recipe.name, notes=notes)
+
+
+def _trial(conn: psycopg.Connection, recipe: Recipe, tile: int) -> None:
+    """Build the sample tile's label and image; any failure aborts the create."""
+    for kind, fn in (("label", "label_tile"), ("image", "image_tile")):
+        try:
+            with conn.transaction():  # a savepoint, so the error message stays readable
+                conn.execute(sql.SQL("SELECT pggeolearn.{}(%s, %s) IS NOT NULL").format(
+                    sql.Identifier(fn)), [recipe.name, tile]).fetchone()
+        except psycopg.Error as exc:
+            raise errors.RecipeError(f"{kind} SQL fails on tile {tile}: {first_line(exc)}") from exc
+
+
+def get(conn: psycopg.Connection, name: str, *, notes: list[str] | None = None) -> Dataset:
+    """The stored dataset ``name`` or DatasetNotFound."""
+    require_schema(conn)
+    row = conn.execute(
+        "SELECT name, srid, resolution, tile_px, overlap_px, minx, miny, maxx, maxy, image_sql,"
+        " label_sql, classes, all_touched, recipe_hash, recipe, stats"
+        " FROM pggeolearn.datasets WHERE name = %s", [name]).fetchone()
+    if row is None:
+        known = [r[0] for r in conn.execute("SELECT name FROM pggeolearn.datasets ORDER BY name")]
+        hint = f" (known: {', '.join(known)})" if known else " (none defined yet: pggeolearn dataset create)"
+        raise errors.DatasetNotFound(f"unknown dataset {name!r}{hint}")
+    (name, srid, res, tile_px, overlap, minx, miny, maxx, maxy, image_sql, label_sql, classes,
+     all_touched, digest, meta, stats) = row
+    recipe = Recipe(name=name, srid=srid, resolution=res, tile_px=tile_px, overlap_px=overlap,
+                    extent=(minx, miny, maxx, maxy), image_sql=image_sql, label_sql=label_sql,
+                    classes=parse_classes(classes), all_touched=all_touched,
+                    extent_from=meta.get("extent_from"))
+    ncols, nrows = grid_shape(recipe)
+    cols = ["geom", "class_id"] + (["buffer_m"] if meta.get("label_has_buffer") else [])
+    return Dataset(recipe, digest, ncols, nrows, cols, notes or [], stats)
+
+
+def list_all(conn: psycopg.Connection) -> list[Dataset]:
+    require_schema(conn)
+    names = [r[0] for r in conn.execute("SELECT name FROM pggeolearn.datasets ORDER BY name")]
+    return [get(conn, n) for n in names]
+
+
+def drop(conn: psycopg.Connection, name: str) -> None:
+    """Delete a dataset and its chips."""
+    get(conn, name)
+    with conn.transaction():
+        conn.execute("DELETE FROM pggeolearn.datasets WHERE name = %s", [name])

@@ -1,0 +1,89 @@
+-- Image tiles: the dataset's imagery clipped, reprojected, resampled and mosaicked onto exactly
+-- one tile's grid. Pixels without imagery are NODATA (the source's nodata value, else 0).
+
+CREATE OR REPLACE FUNCTION pggeolearn.image_tile(dataset text, tile_id integer)
+RETURNS raster
+LANGUAGE plpgsql STABLE STRICT
+AS $$
+DECLARE
+    d pggeolearn.datasets;
+    ref raster := pggeolearn.tile_ref(dataset, tile_id);
+    box geometry := ST_Envelope(ref);
+    -- the tile shrunk by a quarter pixel: rasters that only touch the tile are skipped, and a
+    -- clip by it keeps exactly the tile's pixels (GDAL snaps the clip outwards to the grid)
+    core geometry := ST_Buffer(ST_Envelope(ref), -0.25 * ST_ScaleX(ref), 'join=mitre');
+    q text;
+    pieces raster[];
+    piece raster;
+    src raster;
+    canvas raster;
+    b integer;
+    nodata float8;
+BEGIN
+    SELECT * INTO d FROM pggeolearn.datasets WHERE name = dataset;
+    -- The recipe's SQL runs as a subquery through a cursor: one statement, read-only (STABLE).
+    q := format($q$
+        WITH tile AS (SELECT $1::integer AS tile_id, $2::geometry AS tile_geom,
+                             $3::raster AS tile_rast, $4::integer AS tile_srid,
+                             $5::float8 AS tile_res)
+        SELECT q.rast FROM tile, LATERAL (%s) AS q WHERE q.rast IS NOT NULL $q$, d.image_sql);
+    FOR src IN EXECUTE q USING tile_id, box, ref, d.srid, d.resolution LOOP
+        IF ST_SRID(src) = 0 THEN
+            RAISE EXCEPTION 'image SQL returned a raster with SRID 0 (tile %)', tile_id
+                USING ERRCODE = 'invalid_parameter_value';
+        END IF;
+        CONTINUE WHEN NOT ST_Intersects(ST_Envelope(src),
+                                        CASE WHEN ST_SRID(src) = d.srid THEN core
+                                             ELSE ST_Transform(core, ST_SRID(src)) END);
+        -- exact fit: the source tile is the dataset tile (grid equal to the imagery's)
+        IF ST_SRID(src) = d.srid AND ST_SameAlignment(src, ref)
+           AND ST_Width(src) = d.tile_px AND ST_Height(src) = d.tile_px
+           AND abs(ST_UpperLeftX(src) - ST_UpperLeftX(ref)) < d.resolution * 1e-6
+           AND abs(ST_UpperLeftY(src) - ST_UpperLeftY(ref)) < d.resolution * 1e-6 THEN
+            pieces := array_append(pieces, src);
+            CONTINUE;
+        END IF;
+        IF ST_SRID(src) <> d.srid THEN
+            piece := ST_Clip(src, ST_Transform(ST_Expand(box, 2 * d.resolution), ST_SRID(src)), true);
+            CONTINUE WHEN piece IS NULL OR ST_IsEmpty(piece);
+            piece := ST_Transform(piece, ref, 'NearestNeighbour');
+        ELSIF NOT ST_SameAlignment(src, ref) THEN
+            piece := ST_Clip(src, ST_Expand(box, 2 * greatest(d.resolution, abs(ST_ScaleX(src)))), true);
+            CONTINUE WHEN piece IS NULL OR ST_IsEmpty(piece);
+            piece := ST_Resample(piece, ref, true, 'NearestNeighbour');
+        ELSE
+            piece := src;
+        END IF;
+        CONTINUE WHEN NOT ST_Intersects(ST_Envelope(piece), core);
+        piece := ST_Clip(piece, core, true);
+        CONTINUE WHEN piece IS NULL OR ST_IsEmpty(piece);
+        pieces := array_append(pieces, piece);
+    END LOOP;
+    IF pieces IS NULL THEN
+        RETURN NULL;  -- no imagery at all: an orphan tile (counted by chips build)
+    END IF;
+    IF array_length(pieces, 1) = 1 AND ST_Width(pieces[1]) = d.tile_px
+       AND ST_Height(pieces[1]) = d.tile_px AND ST_SameAlignment(pieces[1], ref)
+       AND abs(ST_UpperLeftX(pieces[1]) - ST_UpperLeftX(ref)) < d.resolution * 1e-6
+       AND abs(ST_UpperLeftY(pieces[1]) - ST_UpperLeftY(ref)) < d.resolution * 1e-6 THEN
+        RETURN pieces[1];
+    END IF;
+    -- mosaic: an all-NODATA canvas of the exact tile, then the pieces in order (last wins)
+    canvas := ref;
+    FOR b IN 1 .. ST_NumBands(pieces[1]) LOOP
+        nodata := coalesce(ST_BandNoDataValue(pieces[1], b), 0);
+        canvas := ST_AddBand(canvas, ST_BandPixelType(pieces[1], b), nodata, nodata);
+    END LOOP;
+    SELECT ST_Union(r, 'LAST' ORDER BY n) INTO canvas
+    FROM unnest(array_prepend(canvas, pieces)) WITH ORDINALITY AS u(r, n);
+    IF ST_Width(canvas) <> d.tile_px OR ST_Height(canvas) <> d.tile_px
+       OR abs(ST_UpperLeftX(canvas) - ST_UpperLeftX(ref)) > d.resolution * 1e-6
+       OR abs(ST_UpperLeftY(canvas) - ST_UpperLeftY(ref)) > d.resolution * 1e-6 THEN
+        RAISE EXCEPTION 'image tile % came out %x% at (%, %), not on the grid', tile_id,
+            ST_Width(canvas), ST_Height(canvas), ST_UpperLeftX(canvas), ST_UpperLeftY(canvas);
+    END IF;
+    RETURN canvas;
+END
+$$;
+COMMENT ON FUNCTION pggeolearn.image_tile(text, integer) IS
+  'Image raster of one tile: the dataset''s image SQL rasters clipped, reprojected/resampled (nearest) and mosaicked onto exactly tile_px x tile_px of the grid; NODATA where no imagery; NULL when the tile has no imagery at all.';
