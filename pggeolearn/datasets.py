@@ -272,6 +272,24 @@ def _source_srids(conn, kind: str, user_sql: str, expr: str, params: dict) -> li
         raise errors.RecipeError(f"{kind} SQL fails over the extent: {first_line(exc)}") from exc
 
 
+def _image_bands(conn, user_sql: str, params: dict) -> list[dict[str, Any]]:
+    """Pixel type and nodata of each band of the first raster the image SQL returns."""
+    query = sql.SQL(WHOLE_EXTENT_CTE + "SELECT (ST_BandMetaData(q.rast, b)).pixeltype,"
+                    " (ST_BandMetaData(q.rast, b)).nodatavalue FROM ("
+                    "SELECT q0.rast FROM tile, LATERAL ({user}) AS q0 WHERE q0.rast IS NOT NULL"
+                    " LIMIT 1) AS q, generate_series(1, ST_NumBands(q.rast)) AS b ORDER BY b").format(
+        user=sql.SQL(_escape(user_sql)))
+    try:
+        with read_only(conn), conn.cursor() as cur:
+            cur.execute(query, params)
+            rows = cur.fetchall()
+    except psycopg.Error as exc:
+        raise errors.RecipeError(f"image SQL fails over the extent: {first_line(exc)}") from exc
+    if not rows:
+        raise errors.RecipeError("image SQL returns no raster anywhere in the extent (no imagery there?)")
+    return [{"pixeltype": p, "nodata": n} for p, n in rows]
+
+
 def create(conn: psycopg.Connection, recipe: Recipe, *, overwrite: bool = False,
            sample_tile: int | None = None) -> Dataset:
     """Validate and store a recipe. Nothing is written unless every check passes."""
@@ -292,6 +310,7 @@ def create(conn: psycopg.Connection, recipe: Recipe, *, overwrite: bool = False,
     _check_columns(image_cols, label_cols)
 
     notes: list[str] = []
+    bands = _image_bands(conn, recipe.image_sql, params)
     image_srids = _source_srids(conn, "image", recipe.image_sql, "rast", params)
     if not image_srids:
         raise errors.RecipeError("image SQL returns no raster anywhere in the extent (no imagery there?)")
@@ -306,7 +325,7 @@ def create(conn: psycopg.Connection, recipe: Recipe, *, overwrite: bool = False,
             notes.append(f"{kind} in EPSG:{', EPSG:'.join(map(str, other))} are reprojected "
                          f"to the grid's EPSG:{recipe.srid}")
 
-    meta = recipe.content() | {"label_has_buffer": "buffer_m" in label_cols}
+    meta = recipe.content() | {"label_has_buffer": "buffer_m" in label_cols, "image_bands": bands}
     digest = recipe.digest()
     row = dict(name=recipe.name, srid=recipe.srid, resolution=recipe.resolution,
                tile_px=recipe.tile_px, overlap_px=recipe.overlap_px, minx=minx, miny=miny,
@@ -377,3 +396,14 @@ def drop(conn: psycopg.Connection, name: str) -> None:
     get(conn, name)
     with conn.transaction():
         conn.execute("DELETE FROM pggeolearn.datasets WHERE name = %s", [name])
+
+
+def show(conn: psycopg.Connection, name: str) -> str:
+    """The recipe and its SQL, as text."""
+    ds = get(conn, name)
+    return "\n".join([ds.describe(), "image SQL:", _indent(ds.recipe.image_sql), "label SQL:",
+                      _indent(ds.recipe.label_sql)])
+
+
+def _indent(text: str) -> str:
+    return "\n".join("    " + line for line in text.strip().splitlines())

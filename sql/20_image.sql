@@ -60,7 +60,13 @@ BEGIN
         pieces := array_append(pieces, piece);
     END LOOP;
     IF pieces IS NULL THEN
-        RETURN NULL;  -- no imagery at all: an orphan tile (counted by chips build)
+        -- no imagery here: an all-NODATA tile with the bands recorded when the recipe was made
+        canvas := ref;
+        FOR b IN 0 .. jsonb_array_length(d.recipe -> 'image_bands') - 1 LOOP
+            nodata := coalesce((d.recipe -> 'image_bands' -> b ->> 'nodata')::float8, 0);
+            canvas := ST_AddBand(canvas, d.recipe -> 'image_bands' -> b ->> 'pixeltype', nodata, nodata);
+        END LOOP;
+        RETURN canvas;
     END IF;
     IF array_length(pieces, 1) = 1 AND ST_Width(pieces[1]) = d.tile_px
        AND ST_Height(pieces[1]) = d.tile_px AND ST_SameAlignment(pieces[1], ref)
@@ -86,4 +92,4 @@ BEGIN
 END
 $$;
 COMMENT ON FUNCTION pggeolearn.image_tile(text, integer) IS
-  'Image raster of one tile: the dataset''s image SQL rasters clipped, reprojected/resampled (nearest) and mosaicked onto exactly tile_px x tile_px of the grid; NODATA where no imagery; NULL when the tile has no imagery at all.';
+  'Image raster of one tile: the dataset''s image SQL rasters clipped, reprojected/resampled (nearest) and mosaicked onto exactly tile_px x tile_px of the grid; NODATA (the source''s value, else 0) where there is no imagery.';

@@ -107,3 +107,72 @@ def banepa() -> Path:
     if not (BANEPA / "imagery").is_dir():
         pytest.skip(f"real data not present at {BANEPA}")
     return BANEPA
+
+
+# -- a synthetic scene loaded into PostGIS, the way a DBA would load OSM with osm2pgsql -------
+
+ROAD_BUFFER_SQL = """
+SELECT way AS geom, 1 AS class_id,
+       CASE highway WHEN 'primary' THEN 5 WHEN 'secondary' THEN 4 WHEN 'residential' THEN 3
+                    WHEN 'service' THEN 2 ELSE 1.5 END AS buffer_m
+FROM public.planet_osm_line
+WHERE highway IS NOT NULL AND way && ST_Expand(tile_geom, 20)
+UNION ALL
+SELECT way, 2, 0 FROM public.planet_osm_polygon
+WHERE building IS NOT NULL AND way && tile_geom
+"""
+IMAGE_SQL = "SELECT rast FROM public.imagery WHERE ST_Intersects(rast, tile_geom)"
+
+
+@pytest.fixture(scope="session")
+def scene(tmp_path_factory):
+    """A seeded 1024 x 1024 synthetic scene (16 tiles of 256 px) on disk."""
+    from pggeolearn.synthetic import make_scene
+
+    return make_scene(tmp_path_factory.mktemp("scene"), size_px=1024, seed=7)
+
+
+@pytest.fixture(scope="session")
+def scene_template_dsn(pg_admin_dsn, template_dsn, scene) -> str:
+    """A template database with the scene loaded: public.imagery (raster), and osm2pgsql-style
+    public.planet_osm_line (roads, column way, EPSG:3857) and public.planet_osm_polygon."""
+    from pggeolearn.importers import import_raster, import_vector
+
+    name = _clone(pg_admin_dsn, template_dsn)
+    dsn = _with_dbname(pg_admin_dsn, name)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        import_raster(conn, [scene.image_path], "public.imagery", progress=False)
+        import_vector(conn, scene.roads_path, "public.planet_osm_line", srid=3857,
+                      geom_column="way", progress=False)
+        import_vector(conn, scene.buildings_path, "public.planet_osm_polygon", srid=3857,
+                      geom_column="way", progress=False)
+    yield dsn
+    _drop(pg_admin_dsn, name)
+
+
+@pytest.fixture
+def scene_dsn(pg_admin_dsn, scene_template_dsn) -> str:
+    """A fresh clone of the scene database for one test."""
+    tmpl = psycopg.conninfo.conninfo_to_dict(scene_template_dsn)["dbname"]
+    name = f"pgl_test_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(pg_admin_dsn, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(
+            sql.Identifier(name), sql.Identifier(tmpl)))
+    yield _with_dbname(pg_admin_dsn, name)
+    _drop(pg_admin_dsn, name)
+
+
+@pytest.fixture
+def scene_conn(scene_dsn) -> psycopg.Connection:
+    with psycopg.connect(scene_dsn, autocommit=True) as connection:
+        yield connection
+
+
+@pytest.fixture
+def scene_recipe(scene):
+    """The road + building recipe over the whole scene, on the imagery's own grid."""
+    from pggeolearn.datasets import Recipe
+
+    return Recipe(name="scene", srid=3857, resolution=scene.resolution, extent=scene.bounds,
+                  image_sql=IMAGE_SQL, label_sql=ROAD_BUFFER_SQL,
+                  classes={1: "road", 2: "building"})
