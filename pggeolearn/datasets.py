@@ -3,7 +3,8 @@
 The SQL a user writes sees a one-row relation ``tile`` with columns ``tile_id``, ``tile_geom``
 (the tile's envelope in the grid CRS), ``tile_rast`` (an empty reference raster of the tile),
 ``tile_srid`` and ``tile_res``, joined LATERAL so the query may name them without a FROM
-entry; the prefixes keep them from clashing with the user's columns. Image SQL returns rasters in a column ``rast``; label SQL returns rows
+entry; the prefixes keep them from clashing with the user's columns. Image SQL returns rasters
+in a column ``rast``; label SQL returns rows
 ``(geom, class_id [, buffer_m])``. Both are checked here (one statement, right columns, they run
 on a sample tile) before anything is stored, inside READ ONLY transactions.
 """
@@ -275,7 +276,7 @@ def _source_srids(conn, kind: str, user_sql: str, expr: str, params: dict) -> li
 def _image_bands(conn, user_sql: str, params: dict) -> list[dict[str, Any]]:
     """Pixel type and nodata of each band of the first raster the image SQL returns."""
     query = sql.SQL(WHOLE_EXTENT_CTE + "SELECT (ST_BandMetaData(q.rast, b)).pixeltype,"
-                    " (ST_BandMetaData(q.rast, b)).nodatavalue FROM ("
+                    " (ST_BandMetaData(q.rast, b)).nodatavalue, ST_ScaleX(q.rast), ST_SRID(q.rast) FROM ("
                     "SELECT q0.rast FROM tile, LATERAL ({user}) AS q0 WHERE q0.rast IS NOT NULL"
                     " LIMIT 1) AS q, generate_series(1, ST_NumBands(q.rast)) AS b ORDER BY b").format(
         user=sql.SQL(_escape(user_sql)))
@@ -287,7 +288,7 @@ def _image_bands(conn, user_sql: str, params: dict) -> list[dict[str, Any]]:
         raise errors.RecipeError(f"image SQL fails over the extent: {first_line(exc)}") from exc
     if not rows:
         raise errors.RecipeError("image SQL returns no raster anywhere in the extent (no imagery there?)")
-    return [{"pixeltype": p, "nodata": n} for p, n in rows]
+    return [{"pixeltype": p, "nodata": n, "scale": sx, "srid": srid} for p, n, sx, srid in rows]
 
 
 def create(conn: psycopg.Connection, recipe: Recipe, *, overwrite: bool = False,
@@ -305,12 +306,22 @@ def create(conn: psycopg.Connection, recipe: Recipe, *, overwrite: bool = False,
     params = dict(srid=recipe.srid, resolution=recipe.resolution, tile_px=recipe.tile_px,
                   minx=minx, miny=miny, maxx=maxx, maxy=maxy, overlap_px=recipe.overlap_px,
                   tile_id=tile)
+    notes: list[str] = []
     image_cols = _describe(conn, "image", recipe.image_sql, params)
     label_cols = _describe(conn, "label", recipe.label_sql, params)
     _check_columns(image_cols, label_cols)
 
-    notes: list[str] = []
     bands = _image_bands(conn, recipe.image_sql, params)
+    src_scale = bands[0].pop("scale")
+    src_srid = bands[0].pop("srid")
+    for b in bands[1:]:
+        b.pop("scale"), b.pop("srid")
+    if src_srid == recipe.srid and recipe.resolution != src_scale and \
+            abs(recipe.resolution - src_scale) <= 1e-6 * src_scale:
+        # a rounded copy of the imagery's pixel size (e.g. from raster_columns, which keeps 10
+        # decimals): use the exact one, so the grid is the imagery's grid and tiles fit exactly
+        notes.append(f"resolution {recipe.resolution!r} taken as the imagery's exact {src_scale!r}")
+        recipe.resolution = src_scale
     image_srids = _source_srids(conn, "image", recipe.image_sql, "rast", params)
     if not image_srids:
         raise errors.RecipeError("image SQL returns no raster anywhere in the extent (no imagery there?)")

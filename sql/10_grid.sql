@@ -38,16 +38,14 @@ $$;
 COMMENT ON FUNCTION pggeolearn.tile_grid(text) IS
   'The tile grid of a dataset recipe (see pggeolearn.datasets): tile_id, envelope, reference raster.';
 
-CREATE OR REPLACE FUNCTION pggeolearn.tile_ref(dataset text, tile_id integer)
+CREATE OR REPLACE FUNCTION pggeolearn._tile_ref(d pggeolearn.datasets, dataset text, tile_id integer)
 RETURNS raster
-LANGUAGE plpgsql STABLE STRICT PARALLEL SAFE
+LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE
 AS $$
 DECLARE
-    d pggeolearn.datasets;
-    stride float8; ncols integer; nrows integer; r integer; c integer;
+    stride float8; ncols integer; nrows integer;
 BEGIN
-    SELECT * INTO d FROM pggeolearn.datasets WHERE name = dataset;
-    IF NOT FOUND THEN
+    IF d.name IS NULL THEN
         RAISE EXCEPTION 'unknown dataset %', dataset USING ERRCODE = 'undefined_object';
     END IF;
     stride := (d.tile_px - d.overlap_px) * d.resolution;
@@ -57,11 +55,20 @@ BEGIN
         RAISE EXCEPTION 'tile % is outside dataset % (tiles 0..%)', tile_id, dataset, ncols * nrows - 1
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    r := tile_id / ncols;
-    c := tile_id % ncols;
-    RETURN ST_MakeEmptyRaster(d.tile_px, d.tile_px, d.minx + c * stride, d.maxy - r * stride,
+    RETURN ST_MakeEmptyRaster(d.tile_px, d.tile_px, d.minx + (tile_id % ncols) * stride,
+                              d.maxy - (tile_id / ncols) * stride,
                               d.resolution, -d.resolution, 0, 0, d.srid);
 END
+$$;
+COMMENT ON FUNCTION pggeolearn._tile_ref(pggeolearn.datasets, text, integer) IS
+  'Internal: the reference raster of a tile from a datasets row already read (NULL row: unknown dataset).';
+
+CREATE OR REPLACE FUNCTION pggeolearn.tile_ref(dataset text, tile_id integer)
+RETURNS raster
+LANGUAGE sql STABLE STRICT PARALLEL SAFE
+AS $$
+    SELECT pggeolearn._tile_ref((SELECT d FROM pggeolearn.datasets d WHERE d.name = dataset),
+                                dataset, tile_id)
 $$;
 COMMENT ON FUNCTION pggeolearn.tile_ref(text, integer) IS
   'Empty reference raster (grid, size, SRID) of one tile of a dataset; errors for an unknown dataset or tile.';

@@ -7,11 +7,9 @@ LANGUAGE plpgsql STABLE STRICT
 AS $$
 DECLARE
     d pggeolearn.datasets;
-    ref raster := pggeolearn.tile_ref(dataset, tile_id);
-    box geometry := ST_Envelope(ref);
-    -- the tile shrunk by a quarter pixel: rasters that only touch the tile are skipped, and a
-    -- clip by it keeps exactly the tile's pixels (GDAL snaps the clip outwards to the grid)
-    core geometry := ST_Buffer(ST_Envelope(ref), -0.25 * ST_ScaleX(ref), 'join=mitre');
+    ref raster;
+    box geometry;
+    core geometry;
     q text;
     pieces raster[];
     piece raster;
@@ -21,6 +19,11 @@ DECLARE
     nodata float8;
 BEGIN
     SELECT * INTO d FROM pggeolearn.datasets WHERE name = dataset;
+    ref := pggeolearn._tile_ref(d, dataset, tile_id);
+    box := ST_Envelope(ref);
+    -- the tile shrunk by a quarter pixel: rasters that only touch the tile are skipped, and a
+    -- clip by it keeps exactly the tile's pixels (GDAL snaps the clip outwards to the grid)
+    core := ST_Buffer(box, -0.25 * ST_ScaleX(ref), 'join=mitre');
     -- The recipe's SQL runs as a subquery through a cursor: one statement, read-only (STABLE).
     q := format($q$
         WITH tile AS (SELECT $1::integer AS tile_id, $2::geometry AS tile_geom,
@@ -43,16 +46,16 @@ BEGIN
             pieces := array_append(pieces, src);
             CONTINUE;
         END IF;
+        -- anything else is warped onto the tile's own grid (same CRS: resampled, which also
+        -- absorbs tiny scale differences that would make ST_Union refuse the pieces)
         IF ST_SRID(src) <> d.srid THEN
             piece := ST_Clip(src, ST_Transform(ST_Expand(box, 2 * d.resolution), ST_SRID(src)), true);
             CONTINUE WHEN piece IS NULL OR ST_IsEmpty(piece);
             piece := ST_Transform(piece, ref, 'NearestNeighbour');
-        ELSIF NOT ST_SameAlignment(src, ref) THEN
+        ELSE
             piece := ST_Clip(src, ST_Expand(box, 2 * greatest(d.resolution, abs(ST_ScaleX(src)))), true);
             CONTINUE WHEN piece IS NULL OR ST_IsEmpty(piece);
             piece := ST_Resample(piece, ref, true, 'NearestNeighbour');
-        ELSE
-            piece := src;
         END IF;
         CONTINUE WHEN NOT ST_Intersects(ST_Envelope(piece), core);
         piece := ST_Clip(piece, core, true);

@@ -51,12 +51,12 @@ BEGIN
             ST_ForceCollection(ST_Collect(ST_SetSRID(anchors, ST_SRID(ref)),
                                           ST_ClipByBox2D(geoms[i], box))),
             sx, sy, '8BUI'::text, CASE WHEN array_length(geoms, 1) = 1 THEN classes[i] ELSE 255 END::float8,
-            0::float8, x0, y0, 0::float8, 0::float8, all_touched);
+            NULL::float8, x0, y0, 0::float8, 0::float8, all_touched);
         IF ST_Width(mask) <> w OR ST_Height(mask) <> h THEN
             RAISE EXCEPTION 'burn: rasterized %x% instead of %x%', ST_Width(mask), ST_Height(mask), w, h;
         END IF;
         IF array_length(geoms, 1) = 1 THEN
-            RETURN ST_SetBandNoDataValue(mask, 1, NULL);
+            RETURN mask;  -- one class: GDAL's raster is the label (background 0, no NODATA)
         END IF;
         -- band pixels start after the 61-byte raster header, the band's flag byte and its
         -- 1-byte nodata value
@@ -80,35 +80,43 @@ LANGUAGE plpgsql STABLE STRICT
 AS $$
 DECLARE
     d pggeolearn.datasets;
-    ref raster := pggeolearn.tile_ref(dataset, tile_id);
-    box geometry := ST_Envelope(ref);
-    scale float8[] := pggeolearn.ground_scale(ST_Centroid(ST_Envelope(ref)));
+    ref raster;
+    box geometry;
+    scale float8[];
     buffer_expr text;
     q text;
     geoms geometry[];
     classes integer[];
 BEGIN
     SELECT * INTO d FROM pggeolearn.datasets WHERE name = dataset;
+    ref := pggeolearn._tile_ref(d, dataset, tile_id);
+    box := ST_Envelope(ref);
+    scale := pggeolearn.ground_scale(ST_Centroid(box));
     buffer_expr := CASE WHEN coalesce((d.recipe ->> 'label_has_buffer')::boolean, false)
                         THEN 'coalesce(q.buffer_m::float8, 0)' ELSE '0::float8' END;
-    -- The recipe's SQL is embedded as a subquery and run through a cursor (FOR ... IN EXECUTE
-    -- cannot run several statements); this function is STABLE, so PostgreSQL rejects any
-    -- data-modifying statement inside it.
+    -- The recipe's SQL is embedded as a subquery and run through a cursor (EXECUTE ... INTO of
+    -- a subquery cannot run several statements); this function is STABLE, so PostgreSQL
+    -- rejects any data-modifying statement inside it. Per row: SRID checked (0 is an error,
+    -- others are reprojected), clipped near the tile, buffered in ground metres, clipped to it.
     q := format($q$
         WITH tile AS (SELECT $1::integer AS tile_id, $2::geometry AS tile_geom,
                              $3::raster AS tile_rast, $4::integer AS tile_srid,
-                             $5::float8 AS tile_res)
+                             $5::float8 AS tile_res),
+        rows AS (
+            SELECT q.class_id::integer AS class_id, %s AS b,
+                   CASE ST_SRID(q.geom) WHEN $4 THEN q.geom
+                        WHEN 0 THEN pggeolearn._srid0_error(q.geom)
+                        ELSE ST_Transform(q.geom, $4) END AS g
+            FROM tile, LATERAL (%s) AS q
+            WHERE q.geom IS NOT NULL),
+        prepared AS (
+            SELECT class_id, ST_ClipByBox2D(CASE WHEN b > 0 THEN pggeolearn.buffer_ground(
+                       ST_ClipByBox2D(g, ST_Expand($2, b * greatest($6[1], $6[2]) * 1.5)), b, $6)
+                       ELSE g END, $2) AS g
+            FROM rows)
         SELECT array_agg(g ORDER BY class_id), array_agg(class_id ORDER BY class_id)
-        FROM (
-            SELECT class_id, ST_Collect(g) AS g FROM (
-                SELECT q.class_id::integer AS class_id,
-                       pggeolearn._label_geom(q.geom, %s, $2, $6, $4) AS g
-                FROM tile, LATERAL (%s) AS q
-                WHERE q.geom IS NOT NULL
-            ) p
-            WHERE NOT ST_IsEmpty(g)
-            GROUP BY class_id
-        ) s $q$, buffer_expr, d.label_sql);
+        FROM (SELECT class_id, ST_Collect(g) AS g FROM prepared
+              WHERE NOT ST_IsEmpty(g) GROUP BY class_id) s $q$, buffer_expr, d.label_sql);
     EXECUTE q INTO geoms, classes USING tile_id, box, ref, d.srid, d.resolution, scale;
     RETURN pggeolearn.burn(ref, coalesce(geoms, '{}'), coalesce(classes, '{}'), d.all_touched);
 END
@@ -116,32 +124,14 @@ $$;
 COMMENT ON FUNCTION pggeolearn.label_tile(text, integer) IS
   'Label raster of one tile: the dataset''s label SQL rows (geom, class_id [, buffer_m]) reprojected to the grid, buffered in ground metres, burned as 8BUI (background 0, no NODATA, higher class wins).';
 
-CREATE OR REPLACE FUNCTION pggeolearn._label_geom(geom geometry, buffer_m float8, box geometry,
-                                                   scale float8[], srid integer)
+CREATE OR REPLACE FUNCTION pggeolearn._srid0_error(geom geometry)
 RETURNS geometry
-LANGUAGE plpgsql STABLE STRICT PARALLEL SAFE
+LANGUAGE plpgsql IMMUTABLE STRICT PARALLEL SAFE
 AS $$
-DECLARE
-    g geometry := geom;
-    margin float8;
 BEGIN
-    IF ST_SRID(g) = 0 THEN
-        RAISE EXCEPTION 'label SQL returned a geometry with SRID 0; set its SRID (ST_SetSRID)'
-            USING ERRCODE = 'invalid_parameter_value';
-    END IF;
-    IF ST_SRID(g) <> srid THEN
-        g := ST_Transform(g, srid);  -- reprojected to the grid's CRS, never burned elsewhere
-    END IF;
-    IF buffer_m > 0 THEN
-        margin := buffer_m * greatest(scale[1], scale[2]) * 1.5;
-        g := ST_ClipByBox2D(g, ST_Expand(box, margin));
-        IF ST_IsEmpty(g) THEN
-            RETURN g;
-        END IF;
-        g := pggeolearn.buffer_ground(g, buffer_m, scale);
-    END IF;
-    RETURN ST_ClipByBox2D(g, box);
+    RAISE EXCEPTION 'label SQL returned a geometry with SRID 0; set its SRID (ST_SetSRID)'
+        USING ERRCODE = 'invalid_parameter_value';
 END
 $$;
-COMMENT ON FUNCTION pggeolearn._label_geom(geometry, float8, geometry, float8[], integer) IS
-  'Internal: one label geometry prepared for a tile (SRID checked and reprojected, buffered in ground metres, clipped to the tile).';
+COMMENT ON FUNCTION pggeolearn._srid0_error(geometry) IS
+  'Internal: raises the error for a label geometry without SRID (never burned at a guessed place).';

@@ -10,11 +10,10 @@ import numpy as np
 import pytest
 import rasterio
 from affine import Affine
+from conftest import IMAGE_SQL, ROAD_BUFFER_SQL
 
 from pggeolearn import datasets, errors, wkb
 from pggeolearn.synthetic import scene_label_reference
-
-from conftest import IMAGE_SQL, ROAD_BUFFER_SQL
 
 
 def fetch_tiles(conn, name: str, fn: str) -> dict[int, wkb.RasterTile]:
@@ -151,8 +150,7 @@ def _burn_case(conn, recipe, scene, name: str, wkt_fn, buffer_m: float = 3.0):
     conn.execute("DELETE FROM public.cases")
     conn.execute("INSERT INTO public.cases VALUES (%s, ST_GeomFromText(%s, 3857))",
                  [name, wkt_fn(*tile, res)])
-    recipe.label_sql = ("SELECT geom, 1 AS class_id, %s::float8 AS buffer_m FROM public.cases"
-                        % float(buffer_m))
+    recipe.label_sql = f"SELECT geom, 1 AS class_id, {float(buffer_m)}::float8 AS buffer_m FROM public.cases"
     datasets.create(conn, recipe, overwrite=True, sample_tile=0)
     t = fetch_tiles(conn, "scene", "label_tile")[0]
     return t
@@ -161,15 +159,17 @@ def _burn_case(conn, recipe, scene, name: str, wkt_fn, buffer_m: float = 3.0):
 @pytest.mark.parametrize("case,wkt_fn,expect", [
     ("crossing", lambda x0, y0, x1, y1, r: f"LINESTRING({x0 - 50} {(y0 + y1) / 2}, {x1 + 50} {(y0 + y1) / 2})", "some"),
     # outside the tile, its 3 m buffer (3 / cos(27.63 deg) = 3.387 units) reaches ~1.2 px in
-    ("touching", lambda x0, y0, x1, y1, r: f"LINESTRING({x1 + 3.387 - 1.2 * r} {y0 - 10}, {x1 + 3.387 - 1.2 * r} {y1 + 10})", "edge"),
+    ("touching", lambda x0, y0, x1, y1, r:
+        f"LINESTRING({x1 + 3.387 - 1.2 * r} {y0 - 10}, {x1 + 3.387 - 1.2 * r} {y1 + 10})", "edge"),
     ("missing", lambda x0, y0, x1, y1, r: f"LINESTRING({x1 + 30} {y0}, {x1 + 30} {y1})", "none"),
 ])
 def test_roads_crossing_touching_missing(line_conn, scene_recipe, scene, case, wkt_fn, expect):
-    from shapely import from_wkt
     from rasterio.features import rasterize
-    from pggeolearn.synthetic import utm_epsg
     from rasterio.warp import transform_geom
+    from shapely import from_wkt
     from shapely.geometry import mapping, shape
+
+    from pggeolearn.synthetic import utm_epsg
 
     t = _burn_case(line_conn, scene_recipe, scene, case, wkt_fn)
     assert t.data.shape == (1, 256, 256)
@@ -357,10 +357,11 @@ all_touched = true
 def test_banepa_buildings_agree_with_rasterio(conn, banepa):
     import json
 
-    from pggeolearn.importers import import_raster, import_vector
     from rasterio.features import rasterize
     from rasterio.warp import transform_geom
     from shapely.geometry import shape
+
+    from pggeolearn.importers import import_raster, import_vector
 
     mosaic = banepa / "imagery" / "banepa_train_mosaic_epsg3857.tif"
     labels = banepa / "labels" / "osm_features_ac7e343eb1faacd2.geojson"

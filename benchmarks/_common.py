@@ -1,0 +1,66 @@
+"""Shared by the benchmarks: a scratch PostGIS database and a table printer."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+from psycopg import sql
+
+from pggeolearn.db import cluster as cl
+from pggeolearn.db import schema
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@contextlib.contextmanager
+def scratch_database(dsn: str | None = None) -> Iterator[str]:
+    """A new database with PostGIS + schema pggeolearn: on ``dsn``'s server (PGGEOLEARN_BENCH_DSN)
+    or on an embedded cluster started in a temporary directory. Dropped afterwards."""
+    dsn = dsn or os.environ.get("PGGEOLEARN_BENCH_DSN")
+    with contextlib.ExitStack() as stack:
+        if not dsn:
+            tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="pgl-bench-"))
+            cluster = cl.Cluster(Path(tmp) / "pgdata", settings={"fsync": "off"})
+            cluster.up()
+            stack.callback(cluster.destroy)
+            dsn = cluster.dsn("postgres")
+        name = f"pgl_bench_{uuid.uuid4().hex[:8]}"
+        with psycopg.connect(dsn, autocommit=True) as c:
+            c.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+        target = psycopg.conninfo.make_conninfo(dsn, dbname=name)
+        try:
+            with psycopg.connect(target, autocommit=True) as c:
+                c.execute("CREATE EXTENSION IF NOT EXISTS postgis; CREATE EXTENSION IF NOT EXISTS postgis_raster")
+            schema.upgrade(target)
+            yield target
+        finally:
+            with psycopg.connect(dsn, autocommit=True) as c:
+                c.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+def timed(fn, *args, repeat: int = 1, **kwargs) -> tuple[float, object]:
+    """Best wall time of ``repeat`` runs and the last result."""
+    best, out = float("inf"), None
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        out = fn(*args, **kwargs)
+        best = min(best, time.perf_counter() - t0)
+    return best, out
+
+
+def print_table(title: str, header: list[str], rows: list[list[object]]) -> None:
+    cells = [[str(c) for c in r] for r in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(header)]
+    print(f"\n{title}")
+    print("  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)))
+    print("  ".join("-" * w for w in widths))
+    for r in cells:
+        print("  ".join(c.ljust(w) if i == 0 else c.rjust(w)
+                        for i, (c, w) in enumerate(zip(r, widths, strict=True))))
