@@ -106,15 +106,20 @@ def run_scene(conn, title: str, ds: datasets.Dataset, label_sql: str, n_tiles: i
         client_label(conn, ds, t, label_sql)
     c_ms = per_tile(lambda t: ours(conn, ds, t), tiles)
     b_ms = per_tile(lambda t: client_label(conn, ds, t, label_sql), tiles)
+    t0 = time.perf_counter()  # how chips build runs it: set-based, labels stay in the database
+    conn.execute("SELECT count(pggeolearn.label_tile(%s, t)) FROM unnest(%s::int[]) t", [ds.name, tiles])
+    set_ms = (time.perf_counter() - t0) / len(tiles) * 1000
     rows = []
     if with_original:
         a_tiles = tiles[:slow_tiles]
         a_ms = per_tile(lambda t: conn.execute(ORIGINAL_SQL, {"ds": ds.name, "tile": t}).fetchone(), a_tiles)
         rows.append([title, "(a) original: ST_MapAlgebra expr + ST_Union", len(a_tiles), f"{a_ms:.1f}",
-                     f"{a_ms / c_ms:.0f}x slower"])
+                     f"{a_ms / set_ms:.0f}x"])
     rows.append([title, "(b) client: fetch buffered geoms + rasterio", len(tiles), f"{b_ms:.2f}",
-                 f"{b_ms / c_ms:.2f}x"])
-    rows.append([title, "(c) ours: pggeolearn.label_tile", len(tiles), f"{c_ms:.2f}", "1.00x"])
+                 f"{b_ms / set_ms:.2f}x"])
+    rows.append([title, "(c) ours: label_tile, one query per tile + bytes", len(tiles), f"{c_ms:.2f}",
+                 f"{c_ms / set_ms:.2f}x"])
+    rows.append([title, "(c) ours: label_tile set-based (as chips build)", len(tiles), f"{set_ms:.2f}", "1.00x"])
     return rows
 
 
@@ -154,8 +159,8 @@ def main() -> None:
             rows += run_scene(conn, "Banepa buildings", bds, sql, args.tiles, args.slow_tiles, False)
         else:
             print(f"(Banepa skipped: {banepa} not present)")
-    print_table("Label tile build time per 256x256 tile (ms, lower is better; ratio vs ours)",
-                ["scene", "method", "tiles", "ms/tile", "vs (c)"], rows)
+    print_table("Label tile build time per 256x256 tile (ms, lower is better; time / ours set-based)",
+                ["scene", "method", "tiles", "ms/tile", "x ours"], rows)
 
 
 if __name__ == "__main__":
