@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from geoalchemy2 import Geometry, Raster
 from sqlalchemy import (
+    REAL,
     BigInteger,
     Boolean,
     CheckConstraint,
@@ -19,7 +20,6 @@ from sqlalchemy import (
     Integer,
     LargeBinary,
     MetaData,
-    REAL,
     Table,
     Text,
     func,
