@@ -853,3 +853,42 @@ def scene_label_reference(
         return np.zeros((height, width), dtype=np.uint8)
     return rasterize(shapes, out_shape=(height, width), fill=0, transform=transform,
                      all_touched=all_touched, dtype="uint8")
+
+
+def write_osm(scene: Scene, path: str | Path) -> Path:
+    """Write the scene's roads and buildings as an OpenStreetMap XML file (``.osm``).
+
+    Loading it with ``osm2pgsql --create`` gives the tables DBAs already have from OSM
+    (``planet_osm_line`` with ``highway``, ``planet_osm_polygon`` with ``building``, geometry
+    column ``way`` in EPSG:3857), so tutorials and the demo exercise the real osm2pgsql path.
+    """
+    from xml.sax.saxutils import quoteattr
+
+    path = Path(path)
+    roads = json.loads(scene.roads_path.read_text())["features"]
+    buildings = json.loads(scene.buildings_path.read_text())["features"]
+    lines = ['<?xml version="1.0" encoding="UTF-8"?>',
+             '<osm version="0.6" generator="pggeolearn.synthetic">']
+    ways: list[str] = []
+    node_id = 0
+    for way_id, feat in enumerate(roads + buildings, start=1):
+        coords = feat["geometry"]["coordinates"]
+        ring = feat["geometry"]["type"] == "Polygon"
+        pts = coords[0][:-1] if ring else coords
+        refs = []
+        for lon, lat in pts:
+            node_id += 1
+            lines.append(f'  <node id="{node_id}" version="1" lat="{lat:.8f}" lon="{lon:.8f}"/>')
+            refs.append(node_id)
+        if ring:
+            refs.append(refs[0])
+        tags = {k: v for k, v in feat["properties"].items()
+                if k in ("highway", "name", "building") and v is not None}
+        if "levels" in feat["properties"]:
+            tags["building:levels"] = feat["properties"]["levels"]
+        body = "".join(f'<nd ref="{r}"/>' for r in refs)
+        body += "".join(f"<tag k={quoteattr(str(k))} v={quoteattr(str(v))}/>" for k, v in tags.items())
+        ways.append(f'  <way id="{way_id}" version="1">{body}</way>')
+    lines += ways + ["</osm>", ""]
+    path.write_text("\n".join(lines), encoding="utf-8")
+    return path

@@ -5,7 +5,7 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${PGGEOLEARN_VENV:-$ROOT/.venv}"
-APT_PACKAGES=(postgresql-15 postgresql-15-postgis-3 postgis gdal-bin)
+APT_PACKAGES=(postgresql-15 postgresql-15-postgis-3 postgis gdal-bin osm2pgsql)
 
 missing=()
 for p in "${APT_PACKAGES[@]}"; do

@@ -335,3 +335,19 @@ def test_large_scene_smoke(tmp_path):
     assert 0.03 <= (ref == 2).mean() <= 0.25
     with rasterio.open(sc.image_path) as ds:
         assert (ds.width, ds.height, ds.count) == (2048, 2048, 3)
+
+
+def test_write_osm_is_valid_osm_xml(tmp_path):
+    import xml.etree.ElementTree as ET
+
+    from pggeolearn.synthetic import make_scene, write_osm
+
+    scene = make_scene(tmp_path, size_px=256, seed=2)
+    root = ET.parse(write_osm(scene, tmp_path / "scene.osm")).getroot()
+    nodes = {n.get("id") for n in root.iter("node")}
+    ways = list(root.iter("way"))
+    roads = [w for w in ways if any(t.get("k") == "highway" for t in w.iter("tag"))]
+    buildings = [w for w in ways if any(t.get("k") == "building" for t in w.iter("tag"))]
+    assert roads and buildings and len(roads) + len(buildings) == len(ways)
+    assert all(nd.get("ref") in nodes for w in ways for nd in w.iter("nd"))
+    assert all(w.findall("nd")[0].get("ref") == w.findall("nd")[-1].get("ref") for w in buildings)
