@@ -68,3 +68,12 @@ def upgrade(ctx: Context, revision: str) -> None:
 def version(ctx: Context) -> None:
     """Print package, schema, PostGIS and PostgreSQL versions."""
     click.echo(schema.version_info(ctx.dsn).describe())
+
+
+@db.command()
+@pass_ctx
+def dsn(ctx: Context) -> None:
+    """Print the DSN pggeolearn connects to (for psql, osm2pgsql, QGIS)."""
+    from pggeolearn.db import resolve_dsn
+
+    click.echo(resolve_dsn(ctx.dsn))

@@ -197,9 +197,9 @@ class Cluster:
         if user is not None:
             os.chown(self.datadir, user.pw_uid, user.pw_gid)
             for parent in self.datadir.parents:  # the server user must reach its own directory
-                if parent == Path("/") or parent.stat().st_mode & 0o001:
-                    break
-                os.chmod(parent, parent.stat().st_mode | 0o001)
+                mode = parent.stat().st_mode
+                if not mode & 0o001:
+                    os.chmod(parent, mode | 0o001)  # traverse only: nothing becomes listable
         os.chmod(self.datadir, 0o700)
         self._run([
             str(bindir / "initdb"), "-D", str(self.datadir), "-U", SUPERUSER, "--auth=trust",
