@@ -17,6 +17,8 @@ DECLARE
     canvas raster;
     b integer;
     nodata float8;
+    ox integer; oy integer; c0 integer; c1 integer; r0 integer; r1 integer;
+    vals float8[];
 BEGIN
     SELECT * INTO d FROM pggeolearn.datasets WHERE name = dataset;
     ref := pggeolearn._tile_ref(d, dataset, tile_id);
@@ -77,14 +79,27 @@ BEGIN
        AND abs(ST_UpperLeftY(pieces[1]) - ST_UpperLeftY(ref)) < d.resolution * 1e-6 THEN
         RETURN pieces[1];
     END IF;
-    -- mosaic: an all-NODATA canvas of the exact tile, then the pieces in order (last wins)
+    -- mosaic: an all-NODATA canvas of the exact tile, then each piece's pixels pasted at its
+    -- offset (pieces are on the tile's grid but may overhang it by a pixel: ST_Clip does not
+    -- crop exactly, and ST_Union would keep the overhang); later pieces win, NODATA never
+    -- overwrites
     canvas := ref;
     FOR b IN 1 .. ST_NumBands(pieces[1]) LOOP
         nodata := coalesce(ST_BandNoDataValue(pieces[1], b), 0);
         canvas := ST_AddBand(canvas, ST_BandPixelType(pieces[1], b), nodata, nodata);
     END LOOP;
-    SELECT ST_Union(r, 'LAST' ORDER BY n) INTO canvas
-    FROM unnest(array_prepend(canvas, pieces)) WITH ORDINALITY AS u(r, n);
+    FOREACH piece IN ARRAY pieces LOOP
+        ox := round((ST_UpperLeftX(piece) - ST_UpperLeftX(ref)) / d.resolution)::integer;
+        oy := round((ST_UpperLeftY(ref) - ST_UpperLeftY(piece)) / d.resolution)::integer;
+        c0 := greatest(0, -ox); r0 := greatest(0, -oy);
+        c1 := least(ST_Width(piece), d.tile_px - ox); r1 := least(ST_Height(piece), d.tile_px - oy);
+        CONTINUE WHEN c1 <= c0 OR r1 <= r0;
+        FOR b IN 1 .. ST_NumBands(canvas) LOOP
+            vals := (ST_DumpValues(piece, b, false))[r0 + 1:r1][c0 + 1:c1];
+            canvas := ST_SetValues(canvas, b, ox + c0 + 1, oy + r0 + 1, vals,
+                                   coalesce(ST_BandNoDataValue(piece, b), 'NaN'::float8), false);
+        END LOOP;
+    END LOOP;
     IF ST_Width(canvas) <> d.tile_px OR ST_Height(canvas) <> d.tile_px
        OR abs(ST_UpperLeftX(canvas) - ST_UpperLeftX(ref)) > d.resolution * 1e-6
        OR abs(ST_UpperLeftY(canvas) - ST_UpperLeftY(ref)) > d.resolution * 1e-6 THEN

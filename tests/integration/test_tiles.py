@@ -91,6 +91,17 @@ def test_image_tiles_reproduce_source_pixels(scene_conn, scene_ds, scene):
     assert np.array_equal(ours, truth)
 
 
+def test_sources_larger_than_tiles_are_cut_exactly(scene_conn, scene_recipe, scene):
+    from pggeolearn.importers import import_raster
+
+    import_raster(scene_conn, [scene.image_path], "public.imagery512", tile_size=512, progress=False)
+    scene_recipe.image_sql = "SELECT rast FROM public.imagery512 WHERE ST_Intersects(rast, tile_geom)"
+    ds = datasets.create(scene_conn, scene_recipe)
+    ours = stitch(fetch_tiles(scene_conn, "scene", "image_tile"), ds)
+    with rasterio.open(scene.image_path) as src:
+        assert np.array_equal(ours, src.read())
+
+
 def test_misaligned_grid_is_resampled_onto_the_exact_tile(scene_conn, scene_recipe, scene):
     # shift the grid by 40 % of a pixel: every tile mosaics 4 resampled pieces
     minx, miny, maxx, maxy = scene.bounds
