@@ -1,0 +1,12 @@
+-- Move a staged batch into the chip store (read-write transaction, our SQL only). A chip
+-- already there (a stale one, or a rerun after a kill) is replaced, never duplicated; its
+-- split is reset and assigned again at the end of the build.
+INSERT INTO pggeolearn.chips AS c
+    (dataset, tile_id, geom, image, label, split, nodata_frac, class_counts, recipe_hash, built_at)
+SELECT %(dataset)s, s.tile_id, s.geom, s.image, s.label, NULL, s.nodata_frac, s.class_counts,
+       %(recipe_hash)s, now()
+FROM pg_temp.pggeolearn_chip_stage AS s
+ON CONFLICT (dataset, tile_id) DO UPDATE SET
+    geom = EXCLUDED.geom, image = EXCLUDED.image, label = EXCLUDED.label, split = NULL,
+    nodata_frac = EXCLUDED.nodata_frac, class_counts = EXCLUDED.class_counts,
+    recipe_hash = EXCLUDED.recipe_hash, built_at = EXCLUDED.built_at
