@@ -112,6 +112,9 @@ class Recipe:
         """Everything that decides the chips' pixels (what the hash covers); not the name."""
         d = asdict(self)
         d.pop("name")
+        d["resolution"] = float(self.resolution)
+        if self.extent is not None:  # (0, 0, 1, 1) and (0.0, 0.0, 1.0, 1.0) are one recipe
+            d["extent"] = [float(v) for v in self.extent]
         d["classes"] = {str(k): v for k, v in sorted(self.classes.items())}
         return d
 

@@ -6,9 +6,9 @@ import re
 
 import psycopg
 import pytest
+import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-import sqlalchemy as sa
 
 from pggeolearn import __version__, errors
 from pggeolearn.catalog import metadata
