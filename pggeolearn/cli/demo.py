@@ -6,6 +6,8 @@ from pathlib import Path
 
 import click
 
+from pggeolearn.cli.main import Context, pass_ctx
+
 
 @click.command("synthetic")
 @click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
@@ -24,4 +26,27 @@ def synthetic(out_dir: Path, size_px: int, seed: int, pixel_m: float) -> None:
     click.echo(f"OpenStreetMap XML: {osm} (load with: osm2pgsql --create -d \"$PGGEOLEARN_DSN\" {osm})")
 
 
-commands = [synthetic]
+
+@click.command("demo")
+@click.option("--data", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Real data instead of the synthetic scene, e.g. ../shared/data/banepa.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("pggeolearn-demo"),
+              show_default=True, help="Folder for the scene files and the pictures.")
+@click.option("--size", "size_px", type=int, default=2048, show_default=True,
+              help="Synthetic scene size in pixels.")
+@click.option("--framework", type=click.Choice(["mxnet", "torch"]), default="mxnet", show_default=True)
+@click.option("--epochs", type=int, default=30, show_default=True)
+@click.option("--minutes", type=float, default=5.0, show_default=True, help="Training time limit.")
+@click.option("--jobs", type=int, default=2, show_default=True, help="Connections building chips.")
+@pass_ctx
+def demo(ctx: Context, data, out, size_px, framework, epochs, minutes, jobs) -> None:
+    """The main job end to end: load data, define a dataset in SQL, build chips, train,
+    predict, write rasters and polygons back, and print where to look."""
+    from pggeolearn.demo import run_demo
+
+    report = run_demo(ctx.dsn, out=out, data=data, size_px=size_px, framework=framework,
+                      epochs=epochs, minutes=minutes, jobs=jobs, say=click.echo)
+    click.echo(str(report))
+
+
+commands = [synthetic, demo]
