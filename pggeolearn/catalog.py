@@ -108,5 +108,6 @@ runs = Table(
     Column("error", Text),
     Column("started_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     Column("finished_at", DateTime(timezone=True)),
+    Column("checkpoint", LargeBinary),  # 0002: resumable state of a training run
     CheckConstraint("status IN ('running', 'done', 'failed')", name="runs_status_valid"),
 )

@@ -1,0 +1,754 @@
+"""Training orchestration, the same for MXNet and PyTorch: :func:`train`.
+
+One call trains a U-Net on a dataset's ``train`` split straight from the chip store and
+validates it after every epoch on the spatially held-out ``val`` split:
+
+* **Data**: :class:`~pggeolearn.mxnet.GeoIter` (MXNet) or :func:`~pggeolearn.torch.make_loader`
+  (PyTorch) over :class:`~pggeolearn.stream.GeoStream`; the shuffle and the flips/rotations are
+  seeded by ``(seed, epoch)``; the padded samples of a last batch carry no loss.
+* **Loss**: pixel cross entropy, optionally weighted per class by the train split's stored
+  class frequencies (:func:`class_weights`: inverse frequency, normalized, clipped).
+* **Schedule**: Adam; the learning rate follows a cosine (or step) schedule per batch. With a
+  time limit the schedule's progress is the larger of the epochs done and the time used, so
+  the rate has annealed when the clock runs out.
+* **Validation**: loss, confusion matrix, per-class IoU and F1, mean IoU, next to the trivial
+  baselines (all background; the train split's majority class) on the same split.
+* **Early stopping** when val mIoU has not improved for ``patience`` epochs; the best epoch's
+  weights are the model that is stored.
+* **Checkpoints in the database**: a ``pggeolearn.runs`` row (kind ``train``) records the
+  parameters and, after every epoch, the per-epoch metrics and a checkpoint (weights, optimizer
+  state, best weights, history). ``resume=True`` continues from it exactly where it stopped.
+  Ctrl-C stops at once: the last finished epoch's checkpoint is in the run row, the best model
+  so far is saved, and the report says how to resume.
+* The model is stored in the registry (:mod:`pggeolearn.training.registry`) at the end.
+
+Only numpy and the database are imported here; the framework module is imported on demand.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import re
+import time
+import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psycopg
+from psycopg.types.json import Jsonb
+from tqdm import tqdm
+
+from pggeolearn import __version__, datasets, errors
+from pggeolearn.db.connect import connect
+from pggeolearn.db.errors import db_errors
+from pggeolearn.db.schema import require_schema
+from pggeolearn.training import metrics as M
+from pggeolearn.training.registry import Architecture, ModelRecord
+
+__all__ = ["EarlyStopping", "TrainOptions", "TrainReport", "class_weights", "lr_at", "parse_device", "train"]
+
+DEVICE_RE = re.compile(r"^(auto|cpu|gpu)(?::(\d+(?:,\d+)*))?$")
+NAME_RE = datasets.NAME_RE
+SCHEDULES = ("cosine", "step", "constant")
+FRAMEWORKS = ("mxnet", "torch")
+MAX_WEIGHT_RATIO = 10.0  # the rarest class weighs at most 10x the most common
+MIN_LR_FRACTION = 0.01
+CHECKPOINT_FORMAT = "pggeolearn-checkpoint/1"
+DEFAULTS = {"framework": "mxnet", "width": 16, "depth": 3, "stem_stride": 2, "batch_size": 8,
+            "lr": 1e-3, "schedule": "cosine", "seed": 0, "class_weights": True, "augment": True,
+            "weight_decay": 0.0}
+# what a checkpoint fixes: changing it on --resume would train another model
+FIXED_ON_RESUME = ("framework", "width", "depth", "stem_stride", "batch_size", "lr", "schedule",
+                   "seed", "class_weights", "augment", "weight_decay")
+
+
+# ----------------------------------------------------------------------------------------------
+# small pure helpers (also used by the framework modules)
+
+
+def parse_device(device: str | None) -> tuple[str, list[int] | None]:
+    """``auto``, ``cpu``, ``gpu`` (all GPUs) or ``gpu:N[,M...]`` -> ``(kind, ids)``."""
+    m = DEVICE_RE.match((device or "auto").strip().lower())
+    if not m or (m.group(1) != "gpu" and m.group(2)):
+        raise errors.ConfigError(f"bad device {device!r}: use auto, cpu, gpu or gpu:N[,M...]")
+    ids = [int(i) for i in m.group(2).split(",")] if m.group(2) else None
+    return m.group(1), ids
+
+
+def is_oom(exc: BaseException) -> bool:
+    """True for an out-of-memory error of either framework (matched on its message)."""
+    return isinstance(exc, MemoryError) or "out of memory" in str(exc).lower()
+
+
+def oom_error(batch_size: int) -> errors.ConfigError:
+    return errors.ConfigError(
+        f"out of memory with --batch-size {batch_size}: try a smaller --batch-size "
+        "(or a smaller --width/--depth)")
+
+
+def map_error(exc: BaseException, batch_size: int) -> errors.PggeolearnError | None:
+    """The one-line error for a framework failure we can explain (out of memory), else None."""
+    if isinstance(exc, errors.PggeolearnError):
+        return None
+    return oom_error(batch_size) if is_oom(exc) else None
+
+
+def pad_to(images: np.ndarray, multiple: int) -> np.ndarray:
+    """Pad ``(N, C, H, W)`` at the bottom/right (reflect) to multiples of ``multiple``."""
+    h, w = images.shape[-2:]
+    ph, pw = (-h) % multiple, (-w) % multiple
+    if not ph and not pw:
+        return images
+    mode = "reflect" if ph < h and pw < w else "edge"
+    return np.pad(images, ((0, 0), (0, 0), (0, ph), (0, pw)), mode=mode)
+
+
+def class_weights(class_pixels: dict[str, int] | None, num_classes: int) -> np.ndarray | None:
+    """Per-class loss weights from the train split's class pixel counts: inverse frequency
+    relative to the most common class, clipped at ``MAX_WEIGHT_RATIO`` (a class with no train
+    pixels gets the clip: it cannot be learned, but must not be ignored), then normalized so
+    that the average train pixel weighs 1."""
+    if not class_pixels:
+        return None
+    counts = np.zeros(num_classes, np.float64)
+    for k, v in class_pixels.items():
+        if 0 <= int(k) < num_classes:
+            counts[int(k)] = float(v)
+    total = counts.sum()
+    if total <= 0:
+        return None
+    freq = counts / total
+    w = np.full(num_classes, MAX_WEIGHT_RATIO)
+    present = freq > 0
+    w[present] = np.minimum(freq.max() / freq[present], MAX_WEIGHT_RATIO)
+    w /= float((freq * w).sum())
+    return w.astype(np.float32)
+
+
+def lr_at(schedule: str, base_lr: float, progress: float) -> float:
+    """The learning rate at ``progress`` (0..1) of training: cosine from ``base_lr`` down to
+    1 % of it; step: x0.1 at 60 % and again at 85 %; constant."""
+    p = min(max(progress, 0.0), 1.0)
+    if schedule == "cosine":
+        lo = base_lr * MIN_LR_FRACTION
+        return lo + 0.5 * (base_lr - lo) * (1 + math.cos(math.pi * p))
+    if schedule == "step":
+        return base_lr * (0.1 if p >= 0.6 else 1.0) * (0.1 if p >= 0.85 else 1.0)
+    return base_lr
+
+
+class EarlyStopping:
+    """Patience on validation mIoU: ``update()`` after each epoch says whether it improved (by
+    more than ``min_delta``); ``should_stop`` once ``patience`` epochs in a row did not
+    (``patience=0``: never). Epochs count from 1."""
+
+    def __init__(self, patience: int, min_delta: float = 1e-6):
+        self.patience, self.min_delta = int(patience), float(min_delta)
+        self.best, self.best_epoch, self.bad, self.epoch = -math.inf, None, 0, 0
+
+    def update(self, value: float) -> bool:
+        self.epoch += 1
+        if value is not None and math.isfinite(value) and value > self.best + self.min_delta:
+            self.best, self.best_epoch, self.bad = float(value), self.epoch, 0
+            return True
+        self.bad += 1
+        return False
+
+    @property
+    def should_stop(self) -> bool:
+        return self.patience > 0 and self.bad >= self.patience
+
+    def state(self) -> dict[str, Any]:
+        return {"best_miou": self.best if math.isfinite(self.best) else None,
+                "best_epoch": self.best_epoch, "bad_epochs": self.bad, "epoch": self.epoch}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        best = state.get("best_miou")
+        self.best = -math.inf if best is None else float(best)
+        self.best_epoch, self.bad, self.epoch = state["best_epoch"], state["bad_epochs"], state["epoch"]
+
+
+# ----------------------------------------------------------------------------------------------
+# options and report
+
+
+@dataclass
+class TrainOptions:
+    """What :func:`train` accepts. ``None`` means the default (:data:`DEFAULTS`), or on
+    ``resume`` the value the checkpoint was trained with; an explicit value that differs from
+    the checkpoint's is a ConfigError. ``epochs`` is the total (on resume: including those done)."""
+
+    framework: str | None = None
+    epochs: int = 20
+    batch_size: int | None = None
+    lr: float | None = None
+    schedule: str | None = None
+    device: str = "auto"
+    seed: int | None = None
+    width: int | None = None
+    depth: int | None = None
+    stem_stride: int | None = None
+    class_weights: bool | None = None
+    augment: bool | None = None
+    weight_decay: float | None = None
+    patience: int = 5
+    time_limit_min: float | None = None
+    overwrite: bool = False
+    resume: bool = False
+    plot: str | Path | None = None
+    progress: bool = True
+    on_epoch: Callable[[dict[str, Any]], None] | None = None  # called after every epoch
+
+    def resolved(self, stored: dict[str, Any] | None = None) -> TrainOptions:
+        """A copy with every None filled from ``stored`` (a checkpoint's) or the defaults."""
+        out = replace(self)
+        for k in DEFAULTS:
+            mine = getattr(self, k)
+            if stored is not None and k in stored:
+                if mine is not None and mine != stored[k]:
+                    raise errors.ConfigError(
+                        f"--{k.replace('_', '-')} {mine} differs from the checkpoint's {stored[k]} "
+                        "(leave it out to resume, or train a new model)")
+                setattr(out, k, stored[k])
+            elif mine is None:
+                setattr(out, k, DEFAULTS[k])
+        return out
+
+    def validate(self) -> None:
+        if self.framework not in FRAMEWORKS:
+            raise errors.ConfigError(f"framework must be one of {', '.join(FRAMEWORKS)}, not {self.framework!r}")
+        if self.schedule not in SCHEDULES:
+            raise errors.ConfigError(f"schedule must be one of {', '.join(SCHEDULES)}, not {self.schedule!r}")
+        if not isinstance(self.epochs, int) or self.epochs < 1:
+            raise errors.ConfigError(f"epochs must be >= 1, not {self.epochs}")
+        if self.batch_size < 1:
+            raise errors.ConfigError(f"batch size must be >= 1, not {self.batch_size}")
+        if not self.lr > 0:
+            raise errors.ConfigError(f"learning rate must be > 0, not {self.lr}")
+        if self.patience < 0:
+            raise errors.ConfigError("patience must be >= 0 (0: no early stopping)")
+        if self.time_limit_min is not None and self.time_limit_min <= 0:
+            raise errors.ConfigError("time limit must be > 0 minutes")
+        if self.weight_decay < 0:
+            raise errors.ConfigError("weight decay must be >= 0")
+        if self.seed < 0:
+            raise errors.ConfigError("seed must be >= 0")
+        parse_device(self.device)
+        if self.plot is not None:
+            folder = Path(self.plot).parent
+            if not folder.is_dir():
+                raise errors.ConfigError(f"folder {folder} for the plot does not exist")
+
+    def hyperparameters(self) -> dict[str, Any]:
+        """What the model registry and the run row record."""
+        return {k: getattr(self, k) for k in ("batch_size", "lr", "schedule", "seed", "class_weights",
+                                             "augment", "weight_decay", "epochs", "patience",
+                                             "time_limit_min")} | {"optimizer": "adam"}
+
+
+@dataclass
+class TrainReport:
+    """What :func:`train` did; ``str()`` is the table the CLI prints."""
+
+    model: str
+    dataset: str
+    framework: str
+    device: str
+    run_id: int
+    classes: dict[int, str]
+    history: list[dict[str, Any]]
+    best_epoch: int | None
+    best: M.Scores | None
+    baselines: dict[str, M.Scores]
+    stopped: str
+    seconds: float
+    epochs_asked: int
+    resumed_from: int | None = None
+    saved: bool = False
+    plot: Path | None = None
+    val_chips: int = 0
+    train_chips: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def interrupted(self) -> bool:
+        return self.stopped.startswith("interrupted")
+
+    def epoch_table(self) -> str:
+        names = [self.classes[k] for k in sorted(self.classes)]
+        headers = ["epoch", "lr", "train loss", "val loss", "val mIoU"] + [f"IoU {n}" for n in names] \
+            + ["seconds"]
+        rows = []
+        for h in self.history:
+            mark = "*" if h["epoch"] == self.best_epoch else ""
+            rows.append([f"{h['epoch']}{mark}", f"{h['lr']:.2e}", M._fmt(h["train_loss"], 4),
+                         M._fmt(h["val"]["loss"], 4), M._fmt(h["val"]["miou"])]
+                        + [M._fmt(v) for v in h["val"]["iou"]] + [f"{h['seconds']:.1f}"])
+        return M.text_table(headers, rows)
+
+    def summary_table(self) -> str:
+        names = [self.classes[k] for k in sorted(self.classes)]
+        rows: dict[str, M.Scores] = {}
+        if self.best is not None:
+            rows[f"model (epoch {self.best_epoch})"] = self.best
+        for name, s in self.baselines.items():
+            label = name
+            if s.extra.get("same_as"):
+                label = f"{name} (= {s.extra['same_as']})"
+            elif "class" in s.extra:
+                label = f"{name} ({self.classes.get(s.extra['class'], s.extra['class'])})"
+            rows[label] = s
+        return M.format_table(rows, names)
+
+    def __str__(self) -> str:
+        m, s = divmod(int(round(self.seconds)), 60)
+        head = (f"model {self.model} ({self.framework} on {self.device}), dataset {self.dataset}: "
+                f"{len(self.history)} epoch(s) run"
+                + (f" (resumed after epoch {self.resumed_from})" if self.resumed_from else "")
+                + f" in {m}m{s:02d}s; stopped: {self.stopped}; run {self.run_id}")
+        lines = [head, f"train {self.train_chips} chips, validation {self.val_chips} chips "
+                       "(the spatially held-out val split)"]
+        lines += [f"note: {n}" for n in self.notes]
+        if self.history:
+            lines += ["", self.epoch_table(), ""]
+            lines.append(f"validation split, best epoch {self.best_epoch} (*) vs trivial baselines:")
+            lines.append(self.summary_table())
+            lines.append("(the best epoch is chosen on val, which makes its val scores slightly "
+                         "optimistic; the test split is left untouched)")
+        if self.saved:
+            lines.append(f"saved model {self.model} in pggeolearn.models")
+        elif not self.history:
+            lines.append("no epoch finished: nothing saved")
+        if self.interrupted and self.history:
+            lines.append(f"resume with: pggeolearn train {self.dataset} --model {self.model} --resume")
+        if self.plot:
+            lines.append(f"wrote {self.plot}")
+        return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# checkpoints (a zip in pggeolearn.runs.checkpoint)
+
+
+def pack_checkpoint(meta: dict[str, Any], weights: bytes, optimizer: bytes, best: bytes | None) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_STORED) as z:
+        z.writestr("checkpoint.json", json.dumps({"format": CHECKPOINT_FORMAT, **meta}))
+        z.writestr("weights", weights)
+        z.writestr("optimizer", optimizer)
+        if best is not None:
+            z.writestr("best", best)
+    return buf.getvalue()
+
+
+def unpack_checkpoint(blob: bytes) -> tuple[dict[str, Any], bytes, bytes, bytes | None]:
+    try:
+        with zipfile.ZipFile(io.BytesIO(blob)) as z:
+            meta = json.loads(z.read("checkpoint.json"))
+            names = set(z.namelist())
+            best = z.read("best") if "best" in names else None
+            return meta, z.read("weights"), z.read("optimizer"), best
+    except (zipfile.BadZipFile, KeyError, json.JSONDecodeError) as exc:
+        raise errors.ConfigError(f"the stored checkpoint is unreadable ({exc})") from exc
+
+
+def _latest_checkpoint(conn: psycopg.Connection, model: str) -> tuple[int, bytes] | None:
+    with db_errors(f"reading the checkpoint of {model}"):
+        row = conn.execute(
+            "SELECT run_id, checkpoint FROM pggeolearn.runs WHERE kind = 'train' AND model = %s"
+            " AND checkpoint IS NOT NULL ORDER BY run_id DESC LIMIT 1", [model]).fetchone()
+    return (row[0], bytes(row[1])) if row else None
+
+
+# ----------------------------------------------------------------------------------------------
+# the database side
+
+
+def _split_counts(conn: psycopg.Connection, dataset: str) -> dict[str, int]:
+    with db_errors(f"counting chips of {dataset}"):
+        return dict(conn.execute(
+            "SELECT coalesce(split, 'unassigned'), count(*) FROM pggeolearn.chips"
+            " WHERE dataset = %s GROUP BY 1", [dataset]).fetchall())
+
+
+def _check_built(ds: datasets.Dataset, counts: dict[str, int]) -> None:
+    name = ds.name
+    if not counts:
+        raise errors.NotBuilt(f"dataset {name} has no chips yet (run: pggeolearn chips build {name})")
+    have = ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
+    for split in ("train", "val"):
+        if not counts.get(split):
+            raise errors.NotBuilt(
+                f"dataset {name} has no chips in split {split} (it has: {have}); "
+                f"re-split it (pggeolearn chips split {name}) or build more chips")
+    if not (ds.stats or {}).get("bands"):
+        raise errors.NotBuilt(f"dataset {name} has no chip statistics yet "
+                              f"(run: pggeolearn chips build {name})")
+
+
+def _class_counts(conn: psycopg.Connection, dataset: str, split: str, k: int) -> np.ndarray:
+    """Label pixels per class id over a split (from the stored per-chip class counts)."""
+    with db_errors(f"class counts of {dataset}/{split}"):
+        rows = conn.execute("SELECT class_counts FROM pggeolearn.chips WHERE dataset = %s"
+                            " AND split = %s AND class_counts IS NOT NULL", [dataset, split]).fetchall()
+    out = np.zeros(k, np.int64)
+    for (counts,) in rows:
+        c = np.asarray(counts[:k], np.int64)
+        out[: len(c)] += c
+    return out
+
+
+def _start_run(conn: psycopg.Connection, model: str, dataset: str, params: dict[str, Any]) -> int:
+    with db_errors("recording the training run"):
+        return conn.execute(
+            "INSERT INTO pggeolearn.runs (kind, model, dataset, params) VALUES ('train', %s, %s, %s)"
+            " RETURNING run_id", [model, dataset, Jsonb(params)]).fetchone()[0]
+
+
+def _save_epoch(conn: psycopg.Connection, run_id: int, model: str, outputs: dict[str, Any],
+                checkpoint: bytes) -> None:
+    """The run's outputs and checkpoint; older checkpoints of the same model are dropped."""
+    with db_errors("saving the checkpoint"), conn.transaction():
+        conn.execute("UPDATE pggeolearn.runs SET outputs = %s, checkpoint = %s WHERE run_id = %s",
+                     [Jsonb(outputs), checkpoint, run_id])
+        conn.execute("UPDATE pggeolearn.runs SET checkpoint = NULL WHERE kind = 'train' AND model = %s"
+                     " AND run_id <> %s AND checkpoint IS NOT NULL", [model, run_id])
+
+
+def _finish_run(conn: psycopg.Connection, run_id: int, status: str, outputs: dict[str, Any],
+                error: str | None = None) -> None:
+    with db_errors("closing the training run"):
+        conn.execute("UPDATE pggeolearn.runs SET status = %s, outputs = %s, error = %s,"
+                     " finished_at = now() WHERE run_id = %s",
+                     [status, Jsonb(outputs), error, run_id])
+
+
+# ----------------------------------------------------------------------------------------------
+# the loop
+
+
+def _framework(name: str) -> Any:
+    if name == "mxnet":
+        from pggeolearn.training import models_mx
+
+        return models_mx
+    try:
+        from pggeolearn.training import models_torch
+    except ImportError as exc:
+        raise errors.MissingDependency(f"--framework torch needs PyTorch (pip install 'pggeolearn[torch]'): "
+                                       f"{exc}") from exc
+    return models_torch
+
+
+def _model_class(module: Any) -> Any:
+    return module.MxModel if module.FRAMEWORK == "mxnet" else module.TorchModel
+
+
+def train(dsn: str | None, dataset: str, model_name: str, **options: Any) -> TrainReport:
+    """Train a U-Net on ``dataset``'s train split, validate on val, store it as ``model_name``.
+
+    ``options`` are the fields of :class:`TrainOptions` (``framework``, ``epochs``,
+    ``batch_size``, ``lr``, ``schedule``, ``device``, ``seed``, ``width``, ``depth``,
+    ``stem_stride``, ``class_weights``, ``augment``, ``weight_decay``, ``patience``,
+    ``time_limit_min``, ``overwrite``, ``resume``, ``plot``, ``progress``, ``on_epoch``).
+    Errors a user can cause are one-line :class:`~pggeolearn.errors.PggeolearnError`s and leave
+    no model behind. Ctrl-C returns a report whose ``stopped`` starts with ``interrupted``.
+    """
+    try:
+        opts = TrainOptions(**options)
+    except TypeError as exc:
+        raise errors.ConfigError(f"unknown training option: {exc}") from None
+    if not NAME_RE.match(model_name or ""):
+        raise errors.ConfigError(f"bad model name {model_name!r}: letters, digits, '_', '.', '-' (max 63)")
+    with connect(dsn, autocommit=True, application_name=f"pggeolearn train {model_name}"[:63]) as conn:
+        return _Training(conn, dsn, dataset, model_name, opts).run()
+
+
+class _Training:
+    """The state of one call of :func:`train`."""
+
+    def __init__(self, conn: psycopg.Connection, dsn: str | None, dataset: str, model_name: str,
+                 opts: TrainOptions):
+        self.conn, self.dsn, self.dataset_name, self.name = conn, dsn, dataset, model_name
+        self.started = time.perf_counter()
+        require_schema(conn)
+        self.ds = datasets.get(conn, dataset)
+        counts = _split_counts(conn, dataset)
+        _check_built(self.ds, counts)
+        self.counts = counts
+        r = self.ds.recipe
+        self.classes = {0: "background", **{int(k): v for k, v in r.classes.items()}}
+        self.num_classes = max(self.classes) + 1
+        self.bands = len(self.ds.stats["bands"])
+        self.notes: list[str] = []
+
+        from pggeolearn.training import registry
+
+        taken = registry.exists(conn, model_name)
+        if taken and not (opts.overwrite or opts.resume):
+            raise errors.AlreadyExists(f"model {model_name} exists (use --overwrite to replace it, "
+                                       "or --resume to continue its training)")
+        self.state: dict[str, Any] | None = None
+        self.blobs: tuple[bytes, bytes, bytes | None] | None = None
+        stored = None
+        if opts.resume:
+            found = _latest_checkpoint(conn, model_name)
+            if found is None:
+                raise errors.NotFound(f"no checkpoint of model {model_name} to resume "
+                                      "(train it without --resume first)")
+            self.resumed_run, blob = found
+            meta, weights, optimizer, best = unpack_checkpoint(blob)
+            self._check_resume(meta)
+            self.state, self.blobs = meta, (weights, optimizer, best)
+            stored = meta["options"]
+        self.opts = opts.resolved(stored)
+        self.opts.validate()
+        if self.state is not None and self.state["epoch"] >= self.opts.epochs:
+            raise errors.ConfigError(
+                f"model {model_name} has trained {self.state['epoch']} epochs already: ask for "
+                f"more with --epochs (the total), e.g. --epochs {self.state['epoch'] + 10}")
+        o = self.opts
+        self.arch = Architecture(in_channels=self.bands, num_classes=self.num_classes, width=o.width,
+                                 depth=o.depth, stem_stride=o.stem_stride)
+        self.arch.validate()
+        if r.tile_px % self.arch.multiple:
+            raise errors.ConfigError(
+                f"tiles of {r.tile_px}px do not halve {o.depth} times after a stride-{o.stem_stride} "
+                f"stem (they must be a multiple of {self.arch.multiple}px): use a smaller --depth")
+        stats = self.ds.stats
+        self.normalization = {"mean": [float(b["mean"]) for b in stats["bands"]],
+                              "std": [float(b["std"]) or 1.0 for b in stats["bands"]]}
+        if self.state is not None:
+            self.normalization = self.state["normalization"]
+        self.weights = class_weights(stats.get("class_pixels"), self.num_classes) \
+            if o.class_weights else None
+        train_counts = _class_counts(conn, dataset, "train", self.num_classes)
+        self.val_counts = _class_counts(conn, dataset, "val", self.num_classes)
+        self.baselines = M.baselines(self.val_counts, train_counts, self.num_classes)
+        # the framework last: a wrong device is a ConfigError before anything is written
+        self.fw = _framework(o.framework)
+        self.model = _model_class(self.fw)(self.arch, o.device, seed=o.seed,
+                                           normalization=self.normalization, lr=o.lr,
+                                           weight_decay=o.weight_decay)
+        ndev = len(getattr(self.model, "ctx", [None]))
+        if ndev > o.batch_size:
+            raise errors.ConfigError(f"--batch-size {o.batch_size} is smaller than the {ndev} devices "
+                                     "it is split over: use at least one chip per device")
+
+    def _check_resume(self, meta: dict[str, Any]) -> None:
+        if meta.get("format") != CHECKPOINT_FORMAT:
+            raise errors.ConfigError(f"checkpoint of {self.name} has an unknown format {meta.get('format')!r}")
+        mine = {str(k): v for k, v in self.classes.items()}
+        if meta["classes"] != mine:
+            raise errors.ConfigError(
+                f"cannot resume {self.name}: its classes {_classes_str(meta['classes'])} differ from "
+                f"dataset {self.ds.name}'s {_classes_str(mine)}")
+        if meta["bands"] != self.bands:
+            raise errors.ConfigError(f"cannot resume {self.name}: it takes {meta['bands']} bands, "
+                                     f"dataset {self.ds.name} has {self.bands}")
+        if meta["tile_px"] != self.ds.recipe.tile_px:
+            self.notes.append(f"the checkpoint was trained on {meta['tile_px']}px tiles, "
+                              f"these are {self.ds.recipe.tile_px}px")
+        if meta.get("recipe_hash") != self.ds.recipe_hash:
+            self.notes.append(f"dataset {self.ds.name}'s recipe changed since the checkpoint "
+                              f"({meta.get('recipe_hash')} -> {self.ds.recipe_hash})")
+
+    # -- the epochs ------------------------------------------------------------------------------
+    def run(self) -> TrainReport:
+        o, model = self.opts, self.model
+        stopper = EarlyStopping(o.patience)
+        start_epoch, history, best_weights, resumed_from = 0, [], None, None
+        if self.state is not None:
+            weights, optimizer, best_weights = self.blobs
+            model.set_weights(weights)
+            model.set_optimizer_state(optimizer)
+            stopper.restore(self.state)
+            start_epoch = resumed_from = self.state["epoch"]
+            history = self.state["history"]
+        params = {"options": self._options_json(), "architecture": self.arch.to_json(),
+                  "device": model.device, "resumed_from_run": getattr(self, "resumed_run", None),
+                  "package_version": __version__}
+        run_id = _start_run(self.conn, self.name, self.ds.name, params)
+        report = TrainReport(
+            model=self.name, dataset=self.ds.name, framework=o.framework, device=model.device,
+            run_id=run_id, classes=self.classes, history=history, best_epoch=stopper.best_epoch,
+            best=None, baselines=self.baselines, stopped="completed", seconds=0.0,
+            epochs_asked=o.epochs, resumed_from=resumed_from, val_chips=self.counts.get("val", 0),
+            train_chips=self.counts.get("train", 0), notes=self.notes)
+        limit_s = o.time_limit_min * 60 if o.time_limit_min else None
+        t_start = time.perf_counter()
+        steps_per_epoch = math.ceil(self.counts["train"] / o.batch_size)
+        status, error = "done", None
+        try:
+            for epoch in range(start_epoch, o.epochs):
+                t0 = time.perf_counter()
+
+                def progress(step: int, _epoch: int = epoch) -> float:
+                    p = (_epoch + step / steps_per_epoch) / o.epochs
+                    if limit_s:
+                        p = max(p, (time.perf_counter() - t_start) / limit_s)
+                    return p
+
+                train_loss, lr = self._train_epoch(epoch, progress)
+                val = self._validate(epoch)
+                record = {"epoch": epoch + 1, "lr": lr, "train_loss": train_loss,
+                          "val": val.to_json(), "seconds": time.perf_counter() - t0}
+                history.append(record)
+                improved = stopper.update(val.miou)
+                if improved:
+                    best_weights = model.get_weights()
+                if o.progress:
+                    tqdm.write(f"epoch {epoch + 1}/{o.epochs}: train loss {train_loss:.4f}, val loss "
+                               f"{val.loss:.4f}, val mIoU {val.miou:.3f}, {record['seconds']:.1f} s"
+                               + (" (best)" if improved else ""))
+                report.best_epoch = stopper.best_epoch
+                self._checkpoint(run_id, {**stopper.state(), "history": history}, best_weights)
+                if o.on_epoch is not None:
+                    o.on_epoch(dict(record))
+                if stopper.should_stop:
+                    report.stopped = f"early stopping (val mIoU not better for {stopper.bad} epochs)"
+                    break
+                if limit_s and time.perf_counter() - t_start >= limit_s:
+                    if epoch + 1 < o.epochs:
+                        report.stopped = f"time limit ({o.time_limit_min:g} min) after epoch {epoch + 1}"
+                    break
+        except KeyboardInterrupt:
+            done = history[-1]["epoch"] if history else 0
+            report.stopped = f"interrupted (Ctrl-C) after epoch {done}"
+            status, error = "failed", f"interrupted after epoch {done}; resume with --resume"
+        except Exception as exc:
+            mapped = map_error(exc, o.batch_size) or self.fw.map_error(exc, o.batch_size)
+            err = mapped or exc
+            try:
+                _finish_run(self.conn, run_id, "failed", self._outputs(history, stopper.best_epoch, "failed"),
+                            str(err).splitlines()[0] if str(err) else type(err).__name__)
+            except errors.PggeolearnError:
+                pass  # the database went away too: the first error is the one to report
+            if mapped is not None:
+                raise mapped from exc
+            raise
+        report.seconds = time.perf_counter() - self.started
+        best_epoch = stopper.best_epoch
+        if best_epoch is not None:
+            report.best = _scores(history[best_epoch - 1]["val"])
+            self._save_model(history, best_epoch, best_weights, report.stopped)
+            report.saved = True
+        _finish_run(self.conn, run_id, status, self._outputs(history, best_epoch, report.stopped), error)
+        if o.plot and history:
+            from pggeolearn.training.plot import plot_history
+
+            report.plot = plot_history(history, o.plot, classes=self.classes, baselines=self.baselines,
+                                       title=f"{self.name} on {self.ds.name} ({o.framework})",
+                                       best_epoch=best_epoch)
+        return report
+
+    def _train_epoch(self, epoch: int, progress: Callable[[int], float]) -> tuple[float, float]:
+        o, model = self.opts, self.model
+        total, n, lr = 0.0, 0, lr_at(o.schedule, o.lr, progress(0))
+        batches = model.batches(self.dsn, self.ds.name, "train", batch_size=o.batch_size, shuffle=True,
+                                augment=o.augment, seed=o.seed, epoch=epoch)
+        bar = tqdm(batches, total=math.ceil(self.counts["train"] / o.batch_size),
+                   desc=f"epoch {epoch + 1}/{o.epochs} train", unit="batch", leave=False,
+                   disable=not o.progress, dynamic_ncols=True)
+        try:
+            for step, (images, labels, pad) in enumerate(bar):
+                lr = lr_at(o.schedule, o.lr, progress(step))
+                loss = model.train_step(images, labels, pad, lr, self.weights)
+                total += loss
+                n += 1
+                bar.set_postfix(loss=f"{total / n:.4f}", lr=f"{lr:.1e}", refresh=False)
+        finally:
+            bar.close()
+            close = getattr(batches, "close", None)
+            if close is not None:
+                close()
+        return (total / n if n else math.nan), lr
+
+    def _validate(self, epoch: int) -> M.Scores:
+        o, model = self.opts, self.model
+        cm = np.zeros((self.num_classes, self.num_classes), np.int64)
+        loss_sum = w_sum = 0.0
+        batches = model.batches(self.dsn, self.ds.name, "val", batch_size=o.batch_size, shuffle=False,
+                                augment=False, seed=o.seed, epoch=0)
+        bar = tqdm(batches, total=math.ceil(self.counts["val"] / o.batch_size),
+                   desc=f"epoch {epoch + 1}/{o.epochs} val", unit="batch", leave=False,
+                   disable=not o.progress, dynamic_ncols=True)
+        try:
+            for images, labels, pad in bar:
+                s, w, pred, true = model.eval_step(images, labels, pad, self.weights)
+                loss_sum += s
+                w_sum += w
+                cm += M.confusion_matrix(pred, true, self.num_classes)
+        finally:
+            bar.close()
+            close = getattr(batches, "close", None)
+            if close is not None:
+                close()
+        return M.scores(cm, loss_sum / w_sum if w_sum else math.nan)
+
+    # -- saving ------------------------------------------------------------------------------------
+    def _options_json(self) -> dict[str, Any]:
+        o = self.opts
+        return {k: getattr(o, k) for k in DEFAULTS} | {
+            "epochs": o.epochs, "patience": o.patience, "time_limit_min": o.time_limit_min,
+            "device": o.device}
+
+    def _meta(self, state: dict[str, Any]) -> dict[str, Any]:
+        return {**state, "options": {k: getattr(self.opts, k) for k in DEFAULTS},
+                "classes": {str(k): v for k, v in self.classes.items()}, "bands": self.bands,
+                "tile_px": self.ds.recipe.tile_px, "recipe_hash": self.ds.recipe_hash,
+                "dataset": self.ds.name, "normalization": self.normalization,
+                "architecture": self.arch.to_json()}
+
+    def _checkpoint(self, run_id: int, state: dict[str, Any], best: bytes | None) -> None:
+        model = self.model
+        blob = pack_checkpoint(_json_ready(self._meta(state)), model.get_weights(),
+                               model.get_optimizer_state(), best)
+        _save_epoch(self.conn, run_id, self.name, self._outputs(state["history"], state["best_epoch"]), blob)
+
+    def _outputs(self, history: list[dict[str, Any]], best_epoch: int | None,
+                 stopped: str | None = None) -> dict[str, Any]:
+        return _json_ready({"epochs": history, "best_epoch": best_epoch,
+                            "best": history[best_epoch - 1]["val"] if best_epoch else None,
+                            "baselines": {k: v.to_json() for k, v in self.baselines.items()},
+                            "stopped": stopped})
+
+    def _save_model(self, history: list[dict[str, Any]], best_epoch: int, weights: bytes,
+                    stopped: str) -> None:
+        from pggeolearn.training import registry
+
+        r = self.ds.recipe
+        record = ModelRecord(
+            name=self.name, dataset=self.ds.name, recipe_hash=self.ds.recipe_hash,
+            framework=self.opts.framework, architecture=self.arch.to_json(),
+            hyperparameters=self.opts.hyperparameters(), classes=self.classes,
+            normalization=self.normalization, tile_px=r.tile_px, resolution=r.resolution,
+            srid=r.srid, bands=self.bands, weights=weights,
+            metrics=self._outputs(history, best_epoch, stopped) | {"split": "val"},
+            best_epoch=best_epoch)
+        registry.save(self.conn, record, overwrite=self.opts.overwrite or self.opts.resume)
+
+
+def _scores(d: dict[str, Any]) -> M.Scores:
+    nan = math.nan
+    return M.Scores(miou=nan if d["miou"] is None else d["miou"],
+                    iou=[nan if v is None else v for v in d["iou"]],
+                    f1=[nan if v is None else v for v in d["f1"]],
+                    accuracy=nan if d["accuracy"] is None else d["accuracy"],
+                    pixels=d["pixels"], loss=d.get("loss"))
+
+
+def _classes_str(classes: dict[str, str]) -> str:
+    return "{" + ", ".join(f"{k}={v}" for k, v in sorted(classes.items(), key=lambda kv: int(kv[0]))) + "}"
+
+
+def _json_ready(v: Any) -> Any:
+    from pggeolearn.training.registry import _json_safe
+
+    return _json_safe(v)
+

@@ -1,0 +1,139 @@
+"""``pggeolearn train`` and ``pggeolearn model ...``: what a user sees, success and failure,
+including a real Ctrl-C (SIGINT) and ``--resume``."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import psycopg
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from pggeolearn.cli.main import cli
+from pggeolearn.training import registry
+
+_spec = importlib.util.spec_from_file_location(
+    "train_fixtures", Path(__file__).resolve().parents[1] / "integration" / "test_train.py")
+_fixtures = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_fixtures)
+make_train_dataset = _fixtures.make_train_dataset
+
+TINY = ["--width", "4", "--depth", "1", "--stem-stride", "1", "--batch-size", "4", "--lr", "0.02",
+        "--no-progress"]
+
+
+def run(*args: str, **kwargs) -> subprocess.CompletedProcess:
+    """The CLI exactly as a user runs it (main() prints errors, not cli)."""
+    return subprocess.run([sys.executable, "-m", "pggeolearn", *args], capture_output=True,
+                          text=True, timeout=180, **kwargs)
+
+
+@pytest.fixture
+def rects(conn):
+    make_train_dataset(conn)
+    return conn
+
+
+def test_train_then_model_list_show_export_drop(db_dsn, rects, tmp_path):
+    runner = CliRunner()
+    plot = tmp_path / "curves.png"
+    result = runner.invoke(cli, ["--dsn", db_dsn, "train", "rects", "--model", "m", "--epochs", "2",
+                                 "--plot", str(plot), *TINY])
+    assert result.exit_code == 0, result.output
+    out = result.output
+    assert "model m (mxnet on cpu(0)), dataset rects: 2 epoch(s) run" in out
+    assert "val mIoU" in out and "all background" in out and "majority class (= all background)" in out
+    assert "saved model m in pggeolearn.models" in out and f"wrote {plot}" in out
+    with Image.open(plot) as im:
+        assert im.size == (1120, 428)
+        assert len(set(im.convert("RGB").getdata())) > 5  # lines, not a blank canvas
+
+    result = runner.invoke(cli, ["--dsn", db_dsn, "model", "list"])
+    assert result.exit_code == 0 and result.output.startswith("m\tmxnet\trects\t16px\tval mIoU 0.")
+    result = runner.invoke(cli, ["--dsn", db_dsn, "model", "show", "m"])
+    assert result.exit_code == 0 and "classes: 0=background, 1=class1" in result.output
+    assert "architecture: unet width 4 depth 1 stem stride 1" in result.output
+
+    zip_path = tmp_path / "m.zip"
+    result = runner.invoke(cli, ["--dsn", db_dsn, "model", "export", "m", "--out", str(zip_path)])
+    assert result.exit_code == 0 and zip_path.exists(), result.output
+    x = np.random.default_rng(0).integers(0, 255, (2, 3, 16, 16), dtype=np.uint8)
+    expected = registry.load(rects, "m", device="cpu").predict_proba(x)
+    assert np.array_equal(registry.load_file(zip_path, device="cpu").predict_proba(x), expected)
+    result = runner.invoke(cli, ["--dsn", db_dsn, "model", "import", str(zip_path), "--name", "m2"])
+    assert result.exit_code == 0 and "imported model m2 (mxnet, dataset rects)" in result.output
+
+    result = runner.invoke(cli, ["--dsn", db_dsn, "model", "drop", "m"])
+    assert result.exit_code == 0 and "dropped model m" in result.output
+    result = runner.invoke(cli, ["--dsn", db_dsn, "model", "list"])
+    assert result.output.startswith("m2\t")
+
+
+def test_errors_are_one_line(db_dsn, rects, tmp_path):
+    conn = rects
+    conn.execute("INSERT INTO pggeolearn.models (name, dataset, recipe_hash, framework, architecture,"
+                 " hyperparameters, classes, normalization, tile_px, resolution, srid, bands, weights,"
+                 " metrics, package_version) VALUES ('taken', 'rects', 'x', 'mxnet', '{}', '{}', '{}',"
+                 " '{}', 16, 1, 3857, 3, '\\x00', '{}', '0')")
+    cases = [
+        (["train", "rects", "--model", "taken"], "error: model taken exists (use --overwrite"),
+        (["train", "nope", "--model", "m"], "error: unknown dataset 'nope'"),
+        (["train", "rects", "--model", "m", "--device", "gpu:0"], "error: GPU 0 was asked for"),
+        (["train", "rects", "--model", "m", "--resume"], "error: no checkpoint of model m"),
+        (["model", "show", "nope"], "error: unknown model 'nope' (known: taken)"),
+        (["model", "drop", "nope"], "error: unknown model 'nope'"),
+        (["model", "export", "taken", "--out", str(tmp_path / "no" / "x.zip")], "error: folder"),
+    ]
+    for args, message in cases:
+        result = run("--dsn", db_dsn, *args)
+        assert result.returncode == 1, (args, result.stdout, result.stderr)
+        assert result.stderr.startswith(message), (args, result.stderr)
+        assert result.stderr.count("\n") == 1, result.stderr  # one line, no traceback
+    assert conn.execute("SELECT count(*) FROM pggeolearn.runs").fetchone()[0] == 0
+
+
+def test_ctrl_c_keeps_a_checkpoint_and_resume_finishes(db_dsn, rects):
+    conn = rects
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, "-m", "pggeolearn", "--dsn", db_dsn, "train", "rects",
+                             "--model", "c", "--epochs", "500", "--patience", "0", *TINY],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:  # wait for the first epoch's checkpoint
+            row = conn.execute("SELECT checkpoint IS NOT NULL FROM pggeolearn.runs WHERE model = 'c'").fetchone()
+            if row and row[0]:
+                break
+            assert proc.poll() is None, proc.communicate()
+            time.sleep(0.2)
+        else:
+            pytest.fail("no checkpoint within 120 s")
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, (out, err)
+    assert "stopped: interrupted (Ctrl-C) after epoch" in out
+    assert "resume with: pggeolearn train rects --model c --resume" in out
+    assert "Traceback" not in err
+    status, error, done = conn.execute(
+        "SELECT status, error, jsonb_array_length(outputs -> 'epochs') FROM pggeolearn.runs"
+        " WHERE model = 'c'").fetchone()
+    assert status == "failed" and error.startswith("interrupted after epoch") and done >= 1
+
+    result = run("--dsn", db_dsn, "train", "rects", "--model", "c", "--resume", "--epochs", str(done + 1),
+                 "--no-progress")
+    assert result.returncode == 0, result.stderr
+    assert f"(resumed after epoch {done})" in result.stdout and "stopped: completed" in result.stdout
+    with psycopg.connect(db_dsn) as c:
+        assert c.execute("SELECT jsonb_array_length(metrics -> 'epochs') FROM pggeolearn.models"
+                         " WHERE name = 'c'").fetchone()[0] == done + 1
