@@ -331,6 +331,7 @@ def _write_layer(w: psycopg.Connection, layer: tuple[str, str], per_tile, p: Pre
                  srid: int, split: str, model_name: str, run_id: int, publish) -> None:
     schema, name = layer
     ident = sql.Identifier(schema, name)
+    w.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema)))
     cols = _column_names({int(c): n for c, n in zip(_class_ids(p), names, strict=True)})
     if _relkind(w, schema, name) is not None:
         w.execute(sql.SQL("DROP TABLE {}").format(ident))

@@ -13,7 +13,9 @@
   (``ST_SimplifyPreserveTopology``), valid (``ST_MakeValid``), ``geometry(MultiPolygon, srid)``
   with ``class_id``, ``class_name``, ``area_m2`` (ground metres, on the geography), ``pixels``,
   ``mean_prob`` (mean probability of the predicted class), ``model``, ``run_id``; ``id`` primary
-  key, GiST index, categorized default style;
+  key, GiST index, categorized default style. Objects under ``min_pixels`` (4) pixels are left
+  out and holes under it filled: speckle from a weak model would otherwise become hundreds of
+  thousands of rows and holes (the class raster keeps every pixel);
 
 and one row in ``pggeolearn.runs`` (kind ``predict``, status running -> done | failed).
 
@@ -39,7 +41,7 @@ statement timeout: ``pggeolearn.window_piece`` returns each source raster either
 aligned, pasted on the client - or warped), while the main thread predicts, stitches and writes
 every output tile row as soon as its pixels are final. Memory holds a band of imagery and an
 accumulator of ``tile_px + window`` rows by the extent's width, never the extent (20,000 px
-wide: about 150 MB with two classes).
+wide: about 200 MB with two classes; polygon bookkeeping grows with the number of objects).
 
 **Writing.** Tiles go out as raster WKB (:mod:`pggeolearn.wkb`) through pipelined
 ``INSERT ... ST_RastFromWKB(%b)`` with binary parameters. The raster column uses lz4
@@ -51,7 +53,8 @@ are joined by a union-find over the border pixels; the server dissolves each gro
 (``sql/predict_polygons.sql``).
 
 **Nothing half-written.** All writes happen in ONE transaction on a writer connection, into
-tables with a temporary name that are renamed (or appended to the existing tables) at the end,
+tables with a temporary name that are renamed (or appended to the existing tables) at the end
+(a missing output schema is created in that transaction too),
 with their indexes, constraints, overviews, styles and the run's ``done`` status. Any failure
 (imagery SQL error, a model that raises, Ctrl-C, a lost connection) rolls everything back and
 marks the run ``failed`` with the error. An existing output is :class:`AlreadyExists` unless
@@ -1122,8 +1125,6 @@ def _names(out: str, polygons: str | None, probabilities: bool, vectorize: bool)
 def _check_outputs(conn: psycopg.Connection, names: _Names, overwrite: bool, append: bool) -> None:
     if overwrite and append:
         raise errors.ConfigError("--overwrite and --append exclude each other: choose one")
-    if not conn.execute("SELECT to_regnamespace(%s) IS NOT NULL", [names.out[0]]).fetchone()[0]:
-        raise errors.NotFound(f"schema {names.out[0]} does not exist")
     for t in (names.out, names.prob, names.polygons):
         if t is None:
             continue
@@ -1242,6 +1243,10 @@ def _execute(dsn: str | None, plan: _Plan, names: _Names, report: PredictReport,
     predict_s = wait_s = 0.0
     with connect(dsn, application_name="pggeolearn predict writer") as w:
         with w.transaction():
+            for schema in sorted({t[0] for t in (names.out, names.prob, names.polygons) if t}):
+                if not w.execute("SELECT to_regnamespace(%s) IS NOT NULL", [schema]).fetchone()[0]:
+                    w.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(schema)))
+                    report.notes.append(f"created schema {schema}")
             writer = _Writer(w, plan, report.run_id, probabilities=probabilities, vectorize=vectorize,
                              min_pixels=min_pixels)
             writer.create(names.out[0])

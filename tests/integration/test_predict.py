@@ -272,11 +272,12 @@ def test_imagery_sql_like_a_recipe(conn, db_dsn):
     """Imagery as SQL that uses the tile relation, exactly as a dataset's image SQL does."""
     data = np.full((3, 64, 64), 230, np.uint8)
     load_array(conn, "public.img", data, tile=32)
-    rep = predict.predict(db_dsn, BrightnessPredictor(), out="public.out",
+    rep = predict.predict(db_dsn, BrightnessPredictor(), out="results.out",
                           imagery="SELECT rast FROM public.img\n WHERE ST_Intersects(rast, tile_geom)\n"
                                   "   AND tile_srid = 3857 AND tile_res > 0 -- a comment at the end;\n",
                           extent=extent_of(*UL, 64, 64), overlap=8, tile_px=32, progress=False)
-    assert rep.tiles == 4 and rep.polygons == 1
+    assert rep.tiles == 4 and rep.polygons == 1 and "created schema results" in rep.notes
+    assert conn.execute("SELECT count(*) FROM results.out_polygons").fetchone()[0] == 1
 
 
 # -- failures leave nothing behind ---------------------------------------------------------------
@@ -290,10 +291,11 @@ def _run_row(conn, run_id):
 def test_a_failing_model_leaves_no_table(conn, db_dsn):
     load_array(conn, "public.img", textured(200, 200))
     with pytest.raises(RuntimeError, match="model broke"):
-        predict.predict(db_dsn, BrightnessPredictor(fail_on_call=4), out="public.out",
+        predict.predict(db_dsn, BrightnessPredictor(fail_on_call=4), out="results.out",
                         imagery="public.img", extent=extent_of(*UL, 200, 200), overlap=8, batch_size=2,
                         tile_px=32, probabilities=True, progress=False)
     no_leftovers(conn)
+    assert conn.execute("SELECT to_regnamespace('results')").fetchone()[0] is None  # not even the schema
     (run_id,) = conn.execute("SELECT max(run_id) FROM pggeolearn.runs").fetchone()
     assert _run_row(conn, run_id) == ("predict", "failed", "model broke on call 4", True)
     assert conn.execute("SELECT to_regclass('public.layer_styles')").fetchone()[0] is None
