@@ -192,7 +192,8 @@ def run_demo(dsn: str | None = None, *, out: str | Path = "pggeolearn-demo", dat
         image_table: "imagery (raster)",
         "pggeolearn.chips": f"{report.tiles} chips of dataset demo (see also the chips map view)",
         "results.demo_prediction": "predicted classes (raster, styled)",
-        **{t: "predicted objects (polygons, styled)" for t in _polygon_tables(predicted)},
+        **({predicted.polygons_out: f"{predicted.polygons} predicted objects (polygons, styled)"}
+           if predicted.polygons_out else {}),
         "results.demo_evaluation": "per-tile IoU on the test split (polygons, styled)",
     }
     rep.pictures = {"chips": out / "chips.png", "curves": out / "curves.png", "worst": out / "worst.png"}
@@ -208,8 +209,3 @@ def _extent(conn: psycopg.Connection, table: str) -> tuple[float, float, float, 
                                "(SELECT ST_Extent(ST_Envelope(rast)) AS e FROM {}) s").format(
         table_ident(table))).fetchone()
     return tuple(float(v) for v in row)
-
-
-def _polygon_tables(report) -> list[str]:
-    name = getattr(report, "polygons", None) or getattr(report, "polygon_table", None)
-    return [name] if name else []

@@ -282,7 +282,7 @@ def publish_raster(conn: psycopg.Connection, table: str, *, column: str = "rast"
         drop_overviews(conn, f"{schema}.{name}", column)
         conn.execute("SELECT DropRasterConstraints(%s::name, %s::name, %s::name)",
                      [schema, name, column])
-        conn.execute(sql_text("publish_raster_constraints"),
+        conn.execute(sql_text("raster_constraints"),
                      {"schema": schema, "table": name, "column": column})
         made = []
         for factor in overviews:

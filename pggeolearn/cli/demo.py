@@ -32,8 +32,8 @@ def synthetic(out_dir: Path, size_px: int, seed: int, pixel_m: float) -> None:
               help="Real data instead of the synthetic scene, e.g. ../shared/data/banepa.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("pggeolearn-demo"),
               show_default=True, help="Folder for the scene files and the pictures.")
-@click.option("--size", "size_px", type=int, default=2048, show_default=True,
-              help="Synthetic scene size in pixels.")
+@click.option("--size", "size_px", type=click.IntRange(min=2048), default=2048, show_default=True,
+              help="Synthetic scene size in pixels (at least 2048: each spatial split needs blocks).")
 @click.option("--framework", type=click.Choice(["mxnet", "torch"]), default="mxnet", show_default=True)
 @click.option("--epochs", type=int, default=30, show_default=True)
 @click.option("--minutes", type=float, default=5.0, show_default=True, help="Training time limit.")

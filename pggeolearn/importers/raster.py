@@ -427,7 +427,7 @@ def import_raster(
         conn.execute(sql.SQL(
             "CREATE INDEX IF NOT EXISTS {} ON {} USING gist (ST_ConvexHull(rast))").format(
             _common.index_name(name, "st_convexhull_idx"), ident))
-        conn.execute(sql_text("import_raster_constraints"), {"schema": schema, "table": name})
+        conn.execute(sql_text("raster_constraints"), {"schema": schema, "table": name, "column": "rast"})
         conn.execute(sql.SQL("ANALYZE {}").format(ident))
         info = conn.execute(sql_text("import_raster_columns"),
                             {"schema": schema, "table": name}).fetchone()

@@ -1,7 +1,8 @@
--- Constraints of a raster table written by pggeolearn (prediction outputs), the set raster2pgsql
--- -C adds, so the table shows up in raster_columns (QGIS's browser, GDAL's PostGISRaster driver)
--- with its SRID, pixel size, block size, bands, pixel types, NODATA and extent. A flag that does
--- not hold (block size when edge tiles are smaller) is skipped with a NOTICE.
+-- The raster constraints raster2pgsql -C adds, for tables pggeolearn writes (imports and
+-- prediction outputs), so they show in raster_columns (QGIS, GDAL's PostGISRaster driver) with
+-- SRID, pixel size, block size, bands, pixel types, NODATA and extent. A flag that does not hold
+-- (same alignment for files on different grids, block size when edge tiles are smaller) is
+-- skipped with a NOTICE.
 SELECT AddRasterConstraints(
     %(schema)s::name, %(table)s::name, %(column)s::name,
     true,   -- srid
