@@ -33,7 +33,7 @@ import math
 import re
 import time
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -50,7 +50,8 @@ from pggeolearn.db.schema import require_schema
 from pggeolearn.training import metrics as M
 from pggeolearn.training.registry import Architecture, ModelRecord
 
-__all__ = ["EarlyStopping", "TrainOptions", "TrainReport", "class_weights", "lr_at", "parse_device", "train"]
+__all__ = ["EarlyStopping", "TrainOptions", "TrainReport", "class_weights", "label_lut", "lr_at",
+           "parse_device", "train"]
 
 DEVICE_RE = re.compile(r"^(auto|cpu|gpu)(?::(\d+(?:,\d+)*))?$")
 NAME_RE = datasets.NAME_RE
@@ -108,17 +109,32 @@ def pad_to(images: np.ndarray, multiple: int) -> np.ndarray:
     return np.pad(images, ((0, 0), (0, 0), (0, ph), (0, pw)), mode=mode)
 
 
-def class_weights(class_pixels: dict[str, int] | None, num_classes: int) -> np.ndarray | None:
-    """Per-class loss weights from the train split's class pixel counts: inverse frequency
-    relative to the most common class, clipped at ``MAX_WEIGHT_RATIO`` (a class with no train
-    pixels gets the clip: it cannot be learned, but must not be ignored), then normalized so
-    that the average train pixel weighs 1."""
+def label_lut(class_ids: Sequence[int]) -> np.ndarray | None:
+    """Class id -> output channel (a 256-entry uint8 table) when the ids are not simply
+    0..K-1 (e.g. classes 1 and 5: channels 0, 1, 2 are ids 0, 1, 5); None when they are."""
+    ids = list(class_ids)
+    if ids == list(range(len(ids))):
+        return None
+    lut = np.zeros(256, np.uint8)  # ids outside the recipe (there should be none): background
+    lut[ids] = np.arange(len(ids), dtype=np.uint8)
+    return lut
+
+
+def class_weights(class_pixels: dict[str, int] | None, class_ids: int | Sequence[int]) -> np.ndarray | None:
+    """Per-class loss weights (in channel order, ``class_ids`` ascending; an int ``n`` means
+    ids 0..n-1) from the train split's class pixel counts: inverse frequency relative to the
+    most common class, clipped at ``MAX_WEIGHT_RATIO`` (a class with no train pixels gets the
+    clip: it cannot be learned, but must not be ignored), then normalized so that the average
+    train pixel weighs 1."""
     if not class_pixels:
         return None
+    ids = list(range(class_ids)) if isinstance(class_ids, int) else list(class_ids)
+    num_classes = len(ids)
+    channel = {cid: i for i, cid in enumerate(ids)}
     counts = np.zeros(num_classes, np.float64)
     for k, v in class_pixels.items():
-        if 0 <= int(k) < num_classes:
-            counts[int(k)] = float(v)
+        if int(k) in channel:
+            counts[channel[int(k)]] = float(v)
     total = counts.sum()
     if total <= 0:
         return None
@@ -301,7 +317,7 @@ class TrainReport:
             if s.extra.get("same_as"):
                 label = f"{name} (= {s.extra['same_as']})"
             elif "class" in s.extra:
-                label = f"{name} ({self.classes.get(s.extra['class'], s.extra['class'])})"
+                label = f"{name} ({names[s.extra['class']]})"
             rows[label] = s
         return M.format_table(rows, names)
 
@@ -391,16 +407,17 @@ def _check_built(ds: datasets.Dataset, counts: dict[str, int]) -> None:
                               f"(run: pggeolearn chips build {name})")
 
 
-def _class_counts(conn: psycopg.Connection, dataset: str, split: str, k: int) -> np.ndarray:
-    """Label pixels per class id over a split (from the stored per-chip class counts)."""
+def _class_counts(conn: psycopg.Connection, dataset: str, split: str, ids: Sequence[int]) -> np.ndarray:
+    """Label pixels per class (channel order) over a split, from the stored per-chip counts."""
     with db_errors(f"class counts of {dataset}/{split}"):
         rows = conn.execute("SELECT class_counts FROM pggeolearn.chips WHERE dataset = %s"
                             " AND split = %s AND class_counts IS NOT NULL", [dataset, split]).fetchall()
-    out = np.zeros(k, np.int64)
+    k = max(ids) + 1
+    by_id = np.zeros(k, np.int64)
     for (counts,) in rows:
         c = np.asarray(counts[:k], np.int64)
-        out[: len(c)] += c
-    return out
+        by_id[: len(c)] += c
+    return by_id[list(ids)]
 
 
 def _start_run(conn: psycopg.Connection, model: str, dataset: str, params: dict[str, Any]) -> int:
@@ -483,7 +500,8 @@ class _Training:
         self.counts = counts
         r = self.ds.recipe
         self.classes = {0: "background", **{int(k): v for k, v in r.classes.items()}}
-        self.num_classes = max(self.classes) + 1
+        self.class_ids = sorted(self.classes)  # output channel i is class id class_ids[i]
+        self.num_classes = len(self.class_ids)
         self.bands = len(self.ds.stats["bands"])
         self.notes: list[str] = []
 
@@ -525,16 +543,17 @@ class _Training:
                               "std": [float(b["std"]) or 1.0 for b in stats["bands"]]}
         if self.state is not None:
             self.normalization = self.state["normalization"]
-        self.weights = class_weights(stats.get("class_pixels"), self.num_classes) \
+        self.weights = class_weights(stats.get("class_pixels"), self.class_ids) \
             if o.class_weights else None
-        train_counts = _class_counts(conn, dataset, "train", self.num_classes)
-        self.val_counts = _class_counts(conn, dataset, "val", self.num_classes)
+        train_counts = _class_counts(conn, dataset, "train", self.class_ids)
+        self.val_counts = _class_counts(conn, dataset, "val", self.class_ids)
         self.baselines = M.baselines(self.val_counts, train_counts, self.num_classes)
         # the framework last: a wrong device is a ConfigError before anything is written
         self.fw = _framework(o.framework)
         self.model = _model_class(self.fw)(self.arch, o.device, seed=o.seed,
                                            normalization=self.normalization, lr=o.lr,
                                            weight_decay=o.weight_decay)
+        self.model.label_lut = label_lut(self.class_ids)
         ndev = len(getattr(self.model, "ctx", [None]))
         if ndev > o.batch_size:
             raise errors.ConfigError(f"--batch-size {o.batch_size} is smaller than the {ndev} devices "

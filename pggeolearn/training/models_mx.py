@@ -200,6 +200,7 @@ class MxModel:
         np.random.seed(seed)
         self.net = build(cfg, self.ctx)
         self.normalization = normalization
+        self.label_lut: np.ndarray | None = None  # class id -> channel, when ids are not 0..K-1
         self._norm: dict[str, tuple[Any, Any]] = {}
         self.trainer = None
         if train:
@@ -216,9 +217,11 @@ class MxModel:
         it = GeoIter(dsn, dataset, split=split, batch_size=batch_size, ctx=self.ctx[0],
                      shuffle=shuffle, seed=seed, epoch=epoch, last_batch="pad",
                      augment=augment, normalize=self._norm_arg(), label_dtype="float32")
+        lut = None if self.label_lut is None else mx.nd.array(self.label_lut, ctx=self.ctx[0])
         try:
             for batch in it:
-                yield batch.data[0], batch.label[0], int(batch.pad)
+                label = batch.label[0] if lut is None else mx.nd.take(lut, batch.label[0])
+                yield batch.data[0], label, int(batch.pad)
         finally:
             it.close()
 

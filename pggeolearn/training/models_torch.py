@@ -156,6 +156,7 @@ class TorchModel:
         # channels-last is ~2x faster for convolutions on CPU (oneDNN) and fine on GPUs
         self.net = build(cfg).to(self.dev, memory_format=torch.channels_last)
         self.normalization = normalization
+        self.label_lut: np.ndarray | None = None  # class id -> channel, when ids are not 0..K-1
         self._norm: tuple[torch.Tensor, torch.Tensor] | None = None
         if normalization:
             c = cfg.in_channels
@@ -180,9 +181,10 @@ class TorchModel:
         loader = make_loader(dsn, dataset, split=split, batch_size=batch_size, epoch=epoch,
                              shuffle=shuffle, seed=seed, augment=augment, last_batch="pad",
                              normalize=False, pin_memory=self.dev.type == "cuda")
+        lut = None if self.label_lut is None else torch.as_tensor(self.label_lut, device=self.dev).long()
         for batch in loader:
-            yield (self._normalize(batch["image"]),
-                   batch["label"].to(self.dev, non_blocking=True).long(), int(batch["pad"]))
+            label = batch["label"].to(self.dev, non_blocking=True).long()
+            yield self._normalize(batch["image"]), label if lut is None else lut[label], int(batch["pad"])
 
     # -- one step ----------------------------------------------------------------------------
     def _weights(self, labels: torch.Tensor, pad: int, class_weights: np.ndarray | None) -> torch.Tensor:

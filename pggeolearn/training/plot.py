@@ -157,7 +157,7 @@ def plot_history(history: Sequence[dict[str, Any]], out: str | Path, *, classes:
     items.insert(0, ("mIoU", AXIS))
     for i, k in enumerate(sorted(classes)):
         colour = COLOURS[(i + 2) % len(COLOURS)]
-        q.line([h["val"]["iou"][k] if k < len(h["val"]["iou"]) else None for h in history], colour, width=1)
+        q.line([h["val"]["iou"][i] if i < len(h["val"]["iou"]) else None for h in history], colour, width=1)
         items.append((f"IoU {classes[k]}", colour))
     q.legend(items, corner="bottom")
     img.save(path, format="PNG")

@@ -1,10 +1,11 @@
 """The model registry: trained models live in table ``pggeolearn.models``, one row per name.
 
 A row holds everything needed to use the model elsewhere: the framework, the architecture
-(:class:`Architecture`), the classes (``{"0": "background", "1": ...}``; output channel ``k`` is
-class id ``k``), the band normalization it was trained with, the grid it expects (tile size,
-resolution, SRID, bands), the weights (bytes: MXNet ``save_parameters`` format or a torch
-state dict), the per-epoch metrics and the best epoch.
+(:class:`Architecture`), the classes (``{"0": "background", "1": ...}``; output channel ``i`` is
+the ``i``-th class id in ascending order, i.e. class id ``i`` when the ids are 0..K-1), the
+band normalization it was trained with, the grid it expects (tile size, resolution, SRID,
+bands), the weights (bytes: MXNet ``save_parameters`` format or a torch state dict), the
+per-epoch metrics and the best epoch.
 
 :func:`load` gives a :class:`LoadedModel` whose :meth:`LoadedModel.predict_proba` maps uint8
 images ``(N, C, H, W)`` to float32 class probabilities ``(N, K, H, W)``. :func:`export` writes a
@@ -149,7 +150,7 @@ class ModelRecord:
         """Several lines for ``pggeolearn model show``."""
         a = self.architecture
         best = (self.metrics or {}).get("best") or {}
-        names = [self.classes.get(k, str(k)) for k in range(self.arch.num_classes)]
+        names = [self.classes[k] for k in sorted(self.classes)]
         hp = self.hyperparameters or {}
         lines = [
             f"model {self.name} ({self.framework}), trained on dataset {self.dataset} "
@@ -287,8 +288,9 @@ def drop(conn: psycopg.Connection, name: str) -> None:
 class LoadedModel:
     """A registered model, built and ready on a device.
 
-    ``classes`` maps class id -> name, 0 (background) included; output channel ``k`` of
-    :meth:`predict_proba` is class id ``k`` (``K = num_classes`` channels). ``normalization`` is
+    ``classes`` maps class id -> name, 0 (background) included; :meth:`predict_proba` has
+    ``K = len(classes)`` channels, channel ``i`` being class id ``class_ids[i]`` (the ids in
+    ascending order: channel ``k`` is class id ``k`` when the ids are 0..K-1). ``normalization`` is
     ``{"mean": [...], "std": [...]}`` per band (or None); it is applied inside predict_proba.
     """
 
@@ -297,6 +299,7 @@ class LoadedModel:
         self.name = record.name
         self.framework = record.framework
         self.classes: dict[int, str] = dict(sorted(record.classes.items()))
+        self.class_ids = np.array(sorted(self.classes), dtype=np.uint8)
         self.tile_px = int(record.tile_px)
         self.resolution = float(record.resolution)
         self.srid = int(record.srid)
@@ -305,6 +308,9 @@ class LoadedModel:
         self.architecture = record.arch
         self.architecture.validate()
         self.num_classes = self.architecture.num_classes
+        if self.num_classes != len(self.classes):
+            raise errors.ConfigError(f"model {self.name} has {self.num_classes} output channels "
+                                     f"but {len(self.classes)} classes")
         self.batch_size = int(batch_size)
         self._model = _framework_model(record.framework, self.architecture, device,
                                        self.normalization)
@@ -327,8 +333,8 @@ class LoadedModel:
         return self._model.predict_proba(images, batch_size or self.batch_size)
 
     def predict(self, images: np.ndarray, batch_size: int | None = None) -> np.ndarray:
-        """uint8 class ids ``(N, H, W)`` (the most probable class)."""
-        return self.predict_proba(images, batch_size).argmax(axis=1).astype(np.uint8)
+        """uint8 class ids ``(N, H, W)`` (of the most probable class)."""
+        return self.class_ids[self.predict_proba(images, batch_size).argmax(axis=1)]
 
     def __repr__(self) -> str:
         return (f"LoadedModel({self.name!r}, {self.framework}, {self.num_classes} classes, "

@@ -27,24 +27,24 @@ TINY = dict(width=4, depth=1, stem_stride=1, batch_size=4, lr=0.02, progress=Fal
 # ------------------------------------------------------------------------------- fixture data
 
 
-def chip_arrays(tile_id: int, px: int, nclasses: int) -> tuple[np.ndarray, np.ndarray]:
-    """Image (3, px, px) and label (px, px) of ``tile_id``: rectangles of class 1..nclasses
-    that are bright in band ``class - 1``, over dim noise."""
+def chip_arrays(tile_id: int, px: int, ids: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """Image (3, px, px) and label (px, px) of ``tile_id``: rectangles of the class ids
+    ``ids``, the i-th bright in band i % 3, over dim noise."""
     rng = np.random.default_rng(1000 + tile_id)
     label = np.zeros((px, px), np.uint8)
-    for k in rng.integers(1, nclasses + 1, 2):
+    for i in rng.integers(0, len(ids), 2):
         y, x = rng.integers(0, px - 4, 2)
         h, w = rng.integers(3, px // 2, 2)
-        label[y:y + h, x:x + w] = k
+        label[y:y + h, x:x + w] = ids[i]
     image = rng.integers(0, 60, (3, px, px)).astype(np.uint8)
-    for k in range(1, nclasses + 1):
-        image[(k - 1) % 3][label == k] += 150
+    for i, k in enumerate(ids):
+        image[i % 3][label == k] += 150
     return image, label
 
 
 def make_train_dataset(conn: psycopg.Connection, name: str = "rects", *,
                        splits: dict[str, int] | None = None, nclasses: int = 1,
-                       px: int = PX) -> datasets.Dataset:
+                       ids: list[int] | None = None, px: int = PX) -> datasets.Dataset:
     """A dataset with chips written straight into the store (train 16, val 4, test 2 by
     default) and the statistics chips.build would store (bands, class pixels of train)."""
     splits = {"train": 16, "val": 4, "test": 2} if splits is None else splits
@@ -60,20 +60,21 @@ def make_train_dataset(conn: psycopg.Connection, name: str = "rects", *,
                  " FROM unnest(%s::bytea[]) AS b", [grid])
     conn.execute(f"CREATE TABLE IF NOT EXISTS public.poly_{name} (geom geometry(Polygon, 3857), cls int)")
     conn.execute(f"INSERT INTO public.poly_{name} VALUES (ST_MakeEnvelope(0, 0, 3, 3, 3857), 1)")
-    classes = {k: f"class{k}" for k in range(1, nclasses + 1)}
+    ids = ids or list(range(1, nclasses + 1))
+    classes = {k: f"class{k}" for k in ids}
     ds = datasets.create(conn, datasets.Recipe(
         name=name, srid=3857, resolution=1.0, tile_px=px, extent=(0, 0, width, height),
         image_sql=f"SELECT rast FROM public.img_{name} WHERE ST_Intersects(rast, tile_geom)",
         label_sql=f"SELECT geom, cls AS class_id FROM public.poly_{name} WHERE geom && tile_geom",
         classes=classes))
-    rows, train_images, class_pixels = [], [], np.zeros(nclasses + 1, np.int64)
+    rows, train_images, class_pixels = [], [], np.zeros(max(ids) + 1, np.int64)
     t = 0
     for split, count in splits.items():
         for _ in range(count):
-            image, label = chip_arrays(t, px, nclasses)
+            image, label = chip_arrays(t, px, ids)
             r, c = divmod(t, ncols)
             gt = (float(c * px), 1.0, 0.0, float(height - r * px), 0.0, -1.0)
-            counts = np.bincount(label.ravel(), minlength=nclasses + 1)
+            counts = np.bincount(label.ravel(), minlength=max(ids) + 1)
             rows.append((t, wkb.encode(wkb.from_array(image, geotransform=gt, srid=3857)),
                          wkb.encode(wkb.from_array(label, geotransform=gt, srid=3857)), split,
                          counts.tolist()))
@@ -230,6 +231,30 @@ def test_class_weights_change_training(db_dsn, conn):
     assert a.history[0]["train_loss"] != b.history[0]["train_loss"]
     assert registry.get(conn, "w").hyperparameters["class_weights"] is True
     assert a.best.iou.__len__() == 3
+
+
+def test_sparse_class_ids_map_to_channels(db_dsn, conn):
+    """Classes 2 and 5: three output channels (ids 0, 2, 5), labels mapped in training, ids
+    mapped back by LoadedModel.predict."""
+    make_train_dataset(conn, ids=[2, 5])
+    report = train(db_dsn, "rects", "sparse", epochs=4, **TINY)
+    assert len(report.best.iou) == 3 and "IoU class5" in str(report)
+    assert report.best.miou > report.baselines["all background"].miou + 0.1, str(report)
+    # the same pictures with ids 1 and 2 train exactly the same way
+    make_train_dataset(conn, "dense", ids=[1, 2])
+    dense = train(db_dsn, "dense", "dense", epochs=4, **TINY)
+    assert val_metrics(dense) == val_metrics(report)
+    model = registry.load(conn, "sparse", device="cpu")
+    assert model.num_classes == 3 and model.class_ids.tolist() == [0, 2, 5]
+    cm = np.zeros((6, 6), np.int64)
+    with GeoStream(db_dsn, "rects", split="val", batch_size=4, shuffle=False, normalize=False) as s:
+        for batch in s:
+            n = 4 - batch["pad"]
+            pred = model.predict(batch["image"][:n])
+            assert set(np.unique(pred)) <= {0, 2, 5}
+            cm += M.confusion_matrix(pred, batch["label"][:n], 6)
+    sub = cm[np.ix_([0, 2, 5], [0, 2, 5])]
+    assert sub.sum() == cm.sum() and M.mean_iou(sub) == report.best.miou
 
 
 # ------------------------------------------------------------------------------------ bad input

@@ -13,6 +13,7 @@ from pggeolearn.training.loop import (
     EarlyStopping,
     TrainOptions,
     class_weights,
+    label_lut,
     lr_at,
     map_error,
     pad_to,
@@ -108,6 +109,16 @@ def test_class_weights_inverse_frequency_normalized_clipped():
     assert ratio[2] == pytest.approx(10.0)  # absent: the clip
     assert class_weights(None, 2) is None and class_weights({"0": 0}, 2) is None
     assert class_weights({"0": 5, "1": 5}, 2).tolist() == [1.0, 1.0]
+    # sparse class ids: weights in channel order (ids ascending)
+    w = class_weights({"0": 900, "5": 100, "9": 7}, [0, 5])
+    assert len(w) == 2 and w[1] / w[0] == pytest.approx(9.0)
+
+
+def test_label_lut():
+    assert label_lut([0, 1, 2]) is None
+    lut = label_lut([0, 2, 5])
+    assert lut.dtype == np.uint8 and lut[[0, 2, 5]].tolist() == [0, 1, 2]
+    assert lut[[1, 3, 255]].tolist() == [0, 0, 0]
 
 
 def test_lr_schedules():
