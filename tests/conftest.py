@@ -19,6 +19,7 @@ from psycopg import sql
 from pggeolearn import errors
 from pggeolearn.db import cluster as cl
 from pggeolearn.db import schema
+from pggeolearn.demo import ROADS_AND_BUILDINGS
 
 BANEPA = Path(__file__).resolve().parents[2] / "shared" / "data" / "banepa"
 TEST_SETTINGS = {"fsync": "off", "full_page_writes": "off", "synchronous_commit": "off"}
@@ -111,16 +112,7 @@ def banepa() -> Path:
 
 # -- a synthetic scene loaded into PostGIS, the way a DBA would load OSM with osm2pgsql -------
 
-ROAD_BUFFER_SQL = """
-SELECT way AS geom, 1 AS class_id,
-       CASE highway WHEN 'primary' THEN 5 WHEN 'secondary' THEN 4 WHEN 'residential' THEN 3
-                    WHEN 'service' THEN 2 ELSE 1.5 END AS buffer_m
-FROM public.planet_osm_line
-WHERE highway IS NOT NULL AND way && ST_Expand(tile_geom, 20)
-UNION ALL
-SELECT way, 2, 0 FROM public.planet_osm_polygon
-WHERE building IS NOT NULL AND way && tile_geom
-"""
+ROAD_BUFFER_SQL = ROADS_AND_BUILDINGS  # the demo's recipe: roads buffered by class, buildings
 IMAGE_SQL = "SELECT rast FROM public.imagery WHERE ST_Intersects(rast, tile_geom)"
 
 
