@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import subprocess
 import tempfile
 import time
 import uuid
@@ -64,3 +65,33 @@ def print_table(title: str, header: list[str], rows: list[list[object]]) -> None
     for r in cells:
         print("  ".join(c.ljust(w) if i == 0 else c.rjust(w)
                         for i, (c, w) in enumerate(zip(r, widths, strict=True))))
+
+
+def _spin(seconds: float) -> float:
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
+    return time.process_time()
+
+
+def cores_free(seconds: float = 1.5) -> float:
+    """How many cores two busy processes actually get right now (2.0 on an idle 2-core box)."""
+    import multiprocessing as mp
+
+    with mp.get_context("fork").Pool(2) as pool:
+        return sum(pool.map(_spin, [seconds, seconds])) / seconds
+
+
+def conditions() -> str:
+    """One line to print beside every table: commit, cores, cores free, load average."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, cwd=Path(__file__).parent, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, cwd=Path(__file__).parent).stdout
+        commit += "+changes" if dirty.strip() else ""
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown"
+    load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
+    return (f"commit {commit}; {os.cpu_count()} cores, two busy processes got {cores_free():.2f}; "
+            f"load average {load}")

@@ -33,7 +33,7 @@ from pathlib import Path
 import psycopg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import SHARED_DATA, print_table, scratch_database  # noqa: E402
+from _common import SHARED_DATA, cores_free, print_table, scratch_database  # noqa: E402
 
 from pggeolearn import chips, datasets, importers  # noqa: E402
 from pggeolearn.synthetic import make_scene  # noqa: E402
@@ -58,21 +58,6 @@ def load_vector(conn: psycopg.Connection, dsn: str, path: Path, table: str) -> N
     subprocess.run(["ogr2ogr", "-f", "PostgreSQL", f"PG:{dsn}", str(path), "-nln", table,
                     "-lco", "GEOMETRY_NAME=geom", "-nlt", "PROMOTE_TO_MULTI", "-t_srs", "EPSG:4326",
                     "-overwrite"], check=True, capture_output=True)
-
-
-def _spin(seconds: float) -> float:
-    end = time.perf_counter() + seconds
-    while time.perf_counter() < end:
-        pass
-    return time.process_time()
-
-
-def cores_free(seconds: float = 1.5) -> float:
-    """How many cores two busy processes actually get right now (2.0 on an idle 2-core box)."""
-    import multiprocessing as mp
-
-    with mp.get_context("fork").Pool(2) as pool:
-        return sum(pool.map(_spin, [seconds, seconds])) / seconds
 
 
 def server_pid(dsn: str) -> int | None:

@@ -111,3 +111,25 @@ runs = Table(
     Column("checkpoint", LargeBinary),  # 0002: resumable state of a training run
     CheckConstraint("status IN ('running', 'done', 'failed')", name="runs_status_valid"),
 )
+
+watches = Table(
+    "watches",
+    metadata,
+    Column("dataset", Text, ForeignKey(f"{SCHEMA}.datasets.name", ondelete="CASCADE"),
+           primary_key=True),
+    Column("source", Text, primary_key=True),  # "schema.table" the recipe reads
+    Column("columns", ARRAY(Text), nullable=False),  # "g:<geometry column>" / "r:<raster column>"
+    Column("margin_m", Double, nullable=False, server_default="0"),  # ground m around footprints
+    Column("last_change", BigInteger, nullable=False, server_default="0"),  # refreshed up to
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+)
+
+changes = Table(
+    "changes",
+    metadata,
+    Column("change_id", BigInteger, primary_key=True, autoincrement=True),
+    Column("source", Text, nullable=False),
+    Column("geom", Geometry(spatial_index=False)),  # footprint in the source's SRID; NULL: all
+    Column("changed_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+)
+Index("changes_source_idx", changes.c.source, changes.c.change_id)

@@ -179,7 +179,8 @@ def _stage_failure(exc: psycopg.Error) -> bool:
 class _Worker:
     """One connection building batches of tiles through its own staging table."""
 
-    def __init__(self, dsn: str, ds: datasets.Dataset, timeout_s: float, index: int):
+    def __init__(self, dsn: str, ds: datasets.Dataset, timeout_s: float, index: int,
+                 keep_splits: bool = False):
         self.ds = ds
         self.timeout_s = timeout_s
         self.conn = connect(dsn, autocommit=True,
@@ -193,7 +194,8 @@ class _Worker:
             self.conn.close()
             raise
         self.base = {"dataset": ds.name, "recipe_hash": ds.recipe_hash,
-                     "max_class": max(ds.recipe.classes)}
+                     "max_class": max(ds.recipe.classes), "keep_split": keep_splits,
+                     "max_nodata": MAX_NODATA_FRAC}
 
     def close(self) -> None:
         self.conn.close()
@@ -290,13 +292,17 @@ def _batches(tiles: list[int], jobs: int, batch_size: int | None) -> list[list[i
 def build(conn_or_dsn: psycopg.Connection | str | None, dataset: str, *, jobs: int = 1,
           where: str | None = None, progress: bool = True, rebuild_stale: bool = True,
           force: bool = False, batch_size: int | None = None,
-          statement_timeout_s: float = DEFAULT_TIMEOUT_S) -> BuildReport:
+          statement_timeout_s: float = DEFAULT_TIMEOUT_S, tiles: list[int] | None = None,
+          keep_splits: bool = False) -> BuildReport:
     """Materialize the chips of ``dataset``, then assign splits and compute statistics.
 
     ``conn_or_dsn`` only says which database: the build opens its own connections (a given
     connection's uncommitted work is not seen). ``jobs`` parallel connections; ``where`` is SQL
     over the tile grid's ``tile_id`` and ``geom`` (grid CRS) selecting tiles; ``force``
     rebuilds selected chips even when current; ``statement_timeout_s`` bounds each tile.
+    ``tiles`` selects tile ids directly (instead of ``where``); ``keep_splits`` keeps every
+    rebuilt chip's split (a chip that becomes unusable is excluded) and recomputes statistics
+    without re-splitting, as ``chips refresh`` does.
     See the module docstring for the rules (read-only recipes, resume, exclusion).
     """
     if not isinstance(jobs, int) or not 1 <= jobs <= 64:
@@ -315,7 +321,8 @@ def build(conn_or_dsn: psycopg.Connection | str | None, dataset: str, *, jobs: i
                 [dataset]).fetchone()[0]
         if not locked:
             raise errors.DatabaseError(f"another chips build of {dataset} is running")
-        selected = _select_tiles(dsn, ds, where)
+        selected = (sorted({int(t) for t in tiles if 0 <= int(t) < ds.n_tiles})
+                    if tiles is not None else _select_tiles(dsn, ds, where))
         report = BuildReport(dataset, ds.recipe_hash, ds.n_tiles, len(selected), jobs=jobs)
         with db_errors(f"chips build {dataset}"):
             existing = dict(control.execute(
@@ -339,14 +346,18 @@ def build(conn_or_dsn: psycopg.Connection | str | None, dataset: str, *, jobs: i
             else:
                 report.skipped += 1
         t0 = time.perf_counter()
-        report.batches = _run(dsn, ds, todo, jobs, batch_size, statement_timeout_s, progress)
+        report.batches = _run(dsn, ds, todo, jobs, batch_size, statement_timeout_s, progress,
+                              keep_splits)
         report.build_seconds = time.perf_counter() - t0
         report.built = len(todo)
 
         with db_errors(f"chips build {dataset}"):
             has_chips = control.execute("SELECT EXISTS (SELECT 1 FROM pggeolearn.chips "
                                         "WHERE dataset = %s)", [dataset]).fetchone()[0]
-        if has_chips:
+        if has_chips and keep_splits:
+            refresh_stats(control, dataset)
+            report.stats = datasets.get(control, dataset).stats or {}
+        elif has_chips:
             params = SplitParams.from_json((ds.stats or {}).get("split_params"))
             report.splits = assign_splits(
                 control, dataset, block_m=params.block_m, ratios=params.ratios, seed=params.seed,
@@ -360,7 +371,7 @@ def build(conn_or_dsn: psycopg.Connection | str | None, dataset: str, *, jobs: i
 
 
 def _run(dsn: str, ds: datasets.Dataset, todo: list[int], jobs: int, batch_size: int | None,
-         timeout_s: float, progress: bool) -> int:
+         timeout_s: float, progress: bool, keep_splits: bool = False) -> int:
     """Build ``todo`` tiles: the first alone (a recipe check), the rest in batches from a queue.
     Returns the number of batches."""
     if not todo:
@@ -380,7 +391,7 @@ def _run(dsn: str, ds: datasets.Dataset, todo: list[int], jobs: int, batch_size:
         for b in planned:
             batches.put(b)
         n = max(1, min(jobs, len(planned)))
-        workers += _open_workers(dsn, ds, timeout_s, n)
+        workers += _open_workers(dsn, ds, timeout_s, n, keep_splits)
         workers[0].run(todo[:1])
         advance(1)
         if n == 1:
@@ -416,13 +427,14 @@ def _run(dsn: str, ds: datasets.Dataset, todo: list[int], jobs: int, batch_size:
         bar.close()
 
 
-def _open_workers(dsn: str, ds: datasets.Dataset, timeout_s: float, n: int) -> list[_Worker]:
+def _open_workers(dsn: str, ds: datasets.Dataset, timeout_s: float, n: int,
+                  keep_splits: bool = False) -> list[_Worker]:
     """``n`` workers, connected side by side (a new backend spends ~0.1 s CPU loading PostGIS
     raster); all or none."""
     if n == 1:
-        return [_Worker(dsn, ds, timeout_s, 0)]
+        return [_Worker(dsn, ds, timeout_s, 0, keep_splits)]
     with cf.ThreadPoolExecutor(n, thread_name_prefix="pggeolearn-chips-connect") as pool:
-        futures = [pool.submit(_Worker, dsn, ds, timeout_s, i) for i in range(n)]
+        futures = [pool.submit(_Worker, dsn, ds, timeout_s, i, keep_splits) for i in range(n)]
         cf.wait(futures)
     opened = [f.result() for f in futures if f.exception() is None]
     failed = [f.exception() for f in futures if f.exception() is not None]

@@ -54,6 +54,26 @@ def build(ctx: Context, dataset: str, jobs: int, where: str | None, rebuild_stal
     click.echo(str(report))
 
 
+@chips_group.command("refresh")
+@click.argument("dataset")
+@click.option("--jobs", "-j", type=click.IntRange(1, 64), default=1, show_default=True,
+              help="Parallel database connections.")
+@click.option("--margin-m", type=click.FloatRange(0, 1e5), default=None, metavar="METRES",
+              help="Widen changed footprints by this many ground metres [as set by dataset watch].")
+@click.option("--statement-timeout", type=float, default=60.0, show_default=True,
+              metavar="SECONDS", help="Time allowed per tile before the refresh fails.")
+@click.option("--progress/--no-progress", default=True, help="Show a progress bar.")
+@pass_ctx
+def refresh_cmd(ctx: Context, dataset: str, jobs: int, margin_m: float | None,
+                statement_timeout: float, progress: bool) -> None:
+    """Rebuild only the chips of DATASET whose tiles changed source rows touch (see
+    `pggeolearn dataset watch`); every chip keeps its split; statistics are updated."""
+    from pggeolearn import refresh
+
+    click.echo(str(refresh.refresh(ctx.dsn, dataset, margin_m=margin_m, jobs=jobs,
+                                   progress=progress, statement_timeout_s=statement_timeout)))
+
+
 @chips_group.command("split")
 @click.argument("dataset")
 @click.option("--block-m", type=float, default=None,

@@ -101,4 +101,27 @@ def drop(ctx: Context, name: str, yes: bool) -> None:
     click.echo(f"dropped dataset {name}")
 
 
+@dataset.command("watch")
+@click.argument("name")
+@click.option("--margin-m", type=click.FloatRange(0, 1e5), default=None, metavar="METRES",
+              help="Widen every changed footprint by this many ground metres [the label SQL's "
+                   "largest buffer_m].")
+@click.option("--off", is_flag=True, help="Stop watching (remove the triggers).")
+@pass_ctx
+def watch(ctx: Context, name: str, margin_m: float | None, off: bool) -> None:
+    """Record changes to the tables NAME's SQL reads, for `pggeolearn chips refresh`."""
+    from pggeolearn import refresh
+
+    with connect(ctx.dsn, autocommit=True) as conn:
+        if off:
+            gone = refresh.unwatch(conn, name)
+            click.echo(f"dataset {name}: no longer watching {', '.join(gone) or 'anything'}")
+            return
+        found, margin = refresh.watch(conn, name, margin_m=margin_m)
+    for src in found:
+        click.echo(f"watching {src.name} ({', '.join(c[2:] for c in src.columns)})")
+    click.echo(f"dataset {name}: changes from now on are rebuilt by `pggeolearn chips refresh "
+               f"{name}` (margin {margin:g} m)")
+
+
 commands = [dataset]

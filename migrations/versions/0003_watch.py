@@ -1,0 +1,48 @@
+"""Living datasets: pggeolearn.watches (which source tables a dataset follows) and
+pggeolearn.changes (footprints of rows changed in them, written by triggers).
+
+Revision ID: 0003
+Revises: 0002
+Create Date: 2026-12-02
+"""
+
+import sqlalchemy as sa
+from alembic import op
+from geoalchemy2 import Geometry
+
+revision = "0003"
+down_revision = "0002"
+branch_labels = None
+depends_on = None
+
+S = "pggeolearn"
+
+
+def upgrade() -> None:
+    op.create_table(
+        "watches",
+        sa.Column("dataset", sa.Text, sa.ForeignKey(f"{S}.datasets.name", ondelete="CASCADE"),
+                  primary_key=True),
+        sa.Column("source", sa.Text, primary_key=True),
+        sa.Column("columns", sa.dialects.postgresql.ARRAY(sa.Text), nullable=False),
+        sa.Column("margin_m", sa.Double, nullable=False, server_default="0"),
+        sa.Column("last_change", sa.BigInteger, nullable=False, server_default="0"),
+        sa.Column("created_at", sa.DateTime(timezone=True), nullable=False,
+                  server_default=sa.text("now()")),
+        schema=S,
+    )
+    op.create_table(
+        "changes",
+        sa.Column("change_id", sa.BigInteger, primary_key=True, autoincrement=True),
+        sa.Column("source", sa.Text, nullable=False),
+        sa.Column("geom", Geometry(spatial_index=False)),
+        sa.Column("changed_at", sa.DateTime(timezone=True), nullable=False,
+                  server_default=sa.text("now()")),
+        schema=S,
+    )
+    op.create_index("changes_source_idx", "changes", ["source", "change_id"], schema=S)
+
+
+def downgrade() -> None:
+    op.drop_table("changes", schema=S)
+    op.drop_table("watches", schema=S)
