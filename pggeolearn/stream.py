@@ -20,6 +20,10 @@ How it is fast and safe:
   ``shard = part_index * num_workers + worker_id``, so every chip is delivered exactly once
   per epoch across all shards. MXNet's ``num_parts/part_index`` and PyTorch's rank/world size
   times DataLoader workers both map onto it.
+* **Sampling queries** (``sampling=``): SQL returning ``(tile_id, weight)`` over the chip store
+  (a filter such as ``WHERE nodata_frac < .05``, class balance from ``class_counts``, hard
+  examples from a scores table) turns each epoch into ``len(split)`` weighted draws with
+  replacement, seeded by (seed, epoch); shards still take disjoint positions of it.
 * **Prefetch** runs in one background thread with a bounded queue (memory does not grow with
   the dataset); its exceptions are re-raised in the consumer. ``close()``, ``with``, garbage
   collection and KeyboardInterrupt stop it and close its connections.
@@ -55,7 +59,7 @@ from psycopg import sql
 
 from pggeolearn import errors, wkb
 from pggeolearn.db.connect import connect
-from pggeolearn.db.errors import db_errors, translate
+from pggeolearn.db.errors import db_errors, first_line, translate
 from pggeolearn.db.readonly import DEFAULT_TIMEOUT_S, read_only
 from pggeolearn.resources import sql_text
 
@@ -107,28 +111,40 @@ def shard_index(num_parts: int = 1, part_index: int = 0, num_workers: int = 1,
 
 
 def epoch_order(ids: Sequence[int] | np.ndarray, *, seed: int = 0, epoch: int = 0,
-                shuffle: bool = True) -> np.ndarray:
+                shuffle: bool = True, weights: np.ndarray | None = None) -> np.ndarray:
     """The epoch's order of ``ids`` (sorted tile ids): a permutation seeded by (seed, epoch),
-    identical on every machine and in every worker; ``ids`` as given without shuffle."""
+    identical on every machine and in every worker; ``ids`` as given without shuffle.
+
+    With ``weights`` (one per id, >= 0) the epoch is ``len(ids)`` draws with replacement, each
+    id with probability proportional to its weight, seeded the same way: what a sampling query
+    (hard examples, class balance) asks for. Shards still take disjoint positions of it."""
     arr = np.asarray(ids, dtype=np.int64)
-    if not shuffle:
-        return arr.copy()
     if seed < 0 or epoch < 0:
         raise errors.ConfigError("seed and epoch must be >= 0")
+    if weights is not None:
+        w = np.asarray(weights, dtype=np.float64)
+        if w.shape != arr.shape or not np.isfinite(w).all() or (w < 0).any() or w.sum() <= 0:
+            raise errors.ConfigError("weights must be finite, >= 0, one per id, not all 0")
+        rng = np.random.default_rng([int(seed), int(epoch), 1])
+        return arr[rng.choice(len(arr), size=len(arr), replace=True, p=w / w.sum())]
+    if not shuffle:
+        return arr.copy()
     return np.random.default_rng([int(seed), int(epoch)]).permutation(arr)
 
 
 def _shard_list(ids: np.ndarray, seed: int, epoch: int, shuffle: bool, shard: int,
-                world: int) -> np.ndarray:
-    return epoch_order(ids, seed=seed, epoch=epoch, shuffle=shuffle)[shard::world]
+                world: int, weights: np.ndarray | None = None) -> np.ndarray:
+    return epoch_order(ids, seed=seed, epoch=epoch, shuffle=shuffle, weights=weights)[shard::world]
 
 
 def epoch_batches(ids: Sequence[int] | np.ndarray, *, epoch: int, batch_size: int, seed: int = 0,
                   shuffle: bool = True, shard: int = 0, world: int = 1,
-                  last_batch: str = "pad") -> tuple[np.ndarray, np.ndarray]:
+                  last_batch: str = "pad", weights: np.ndarray | None = None
+                  ) -> tuple[np.ndarray, np.ndarray]:
     """The batches one shard delivers in one epoch: ``(tile ids (nbatches, batch_size), pads)``.
 
-    The shard's list is ``epoch_order(...)[shard::world]``. ``last_batch``:
+    The shard's list is ``epoch_order(...)[shard::world]`` (``weights``: see epoch_order).
+    ``last_batch``:
 
     * ``'pad'``: the final partial batch is filled with samples from the start of the shard's
       list; ``pads[-1]`` says how many.
@@ -154,11 +170,11 @@ def epoch_batches(ids: Sequence[int] | np.ndarray, *, epoch: int, batch_size: in
         if stop <= first:
             return empty
         e0, e1 = (first * b) // n, (stop * b - 1) // n
-        stream = np.concatenate([_shard_list(ids, seed, e, shuffle, shard, world)
+        stream = np.concatenate([_shard_list(ids, seed, e, shuffle, shard, world, weights)
                                  for e in range(e0, e1 + 1)])
         out = stream[first * b - e0 * n: stop * b - e0 * n]
         return out.reshape(-1, b), np.zeros(stop - first, np.int64)
-    mine = _shard_list(ids, seed, epoch, shuffle, shard, world)
+    mine = _shard_list(ids, seed, epoch, shuffle, shard, world, weights)
     n = len(mine)
     if n == 0:
         return empty
@@ -309,6 +325,7 @@ class GeoStream:
         timeout_s: float | None = None,
         max_reconnects: int = 3,
         application_name: str | None = None,
+        sampling: str | None = None,
     ):
         if source not in SOURCES:
             raise errors.ConfigError(f"source must be one of {', '.join(SOURCES)}, not {source!r}")
@@ -355,6 +372,7 @@ class GeoStream:
                 raise errors.ConfigError(
                     f"unknown split {split!r}: use one of {', '.join(SPLITS)} or 'all'")
         self._setup(normalize)
+        self.weights = None if sampling is None else self._sampling_weights(sampling)
         self.out_dtype = self.image_dtype if dtype is None else np.dtype(dtype)
         if self.out_dtype.kind != "f" and self.out_dtype != self.image_dtype:
             raise errors.ConfigError(
@@ -509,12 +527,42 @@ class GeoStream:
         """uint8 (or other) images -> normalized float32 with this stream's mean/std."""
         return normalize(images, self.mean, self.std)
 
+    def _sampling_weights(self, query: str) -> np.ndarray:
+        """One weight per chip of the stream's split from a user query returning
+        ``(tile_id, weight)`` rows over the chip store; chips it leaves out get weight 0."""
+        if self.source == "live":
+            raise errors.ConfigError("a sampling query needs the chip store (not live mode)")
+        body = query.strip().rstrip(";").strip()
+        if not body:
+            raise errors.ConfigError("the sampling query is empty")
+        q = sql.SQL("SELECT s.tile_id::bigint, s.weight::float8 FROM ({}\n) AS s").format(
+            sql.SQL(body.replace("%", "%%")))
+        with connect(self.dsn, autocommit=True, application_name=self.application_name) as conn:
+            try:
+                with read_only(conn, self.timeout_s or DEFAULT_TIMEOUT_S):
+                    rows = conn.execute(q).fetchall()
+            except psycopg.Error as exc:
+                raise errors.ConfigError(f"sampling query fails: {first_line(exc)} (it must "
+                                         "return columns tile_id and weight)") from exc
+        weights = np.zeros(len(self.ids), np.float64)
+        pos = {int(t): i for i, t in enumerate(self.ids)}
+        for tile_id, weight in rows:
+            if weight is None or not np.isfinite(weight) or weight < 0:
+                raise errors.ConfigError(f"sampling query gave tile {tile_id} the weight {weight}: "
+                                         "weights must be finite and >= 0")
+            if tile_id in pos:
+                weights[pos[tile_id]] += weight
+        if weights.sum() <= 0:
+            raise errors.ConfigError(f"sampling query selects no chip of split {self.split} of "
+                                     f"dataset {self.dataset_name} with a weight above 0")
+        return weights
+
     def plan(self, epoch: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """The tile ids ``(nbatches, batch_size)`` and pads this shard delivers in ``epoch``."""
         ids, pads = epoch_batches(
             self.ids, epoch=self.epoch if epoch is None else epoch, batch_size=self.batch_size,
             seed=self.seed, shuffle=self.shuffle, shard=self.shard, world=self.world,
-            last_batch=self.last_batch)
+            last_batch=self.last_batch, weights=self.weights)
         if self.max_batches is not None:
             ids, pads = ids[: self.max_batches], pads[: self.max_batches]
         return ids, pads
