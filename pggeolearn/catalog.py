@@ -67,6 +67,7 @@ chips = Table(
     Column("split", Text),
     Column("nodata_frac", REAL),
     Column("class_counts", ARRAY(BigInteger)),
+    Column("band_stats", ARRAY(Double)),  # per band [count, mean, std, min, max], NODATA out
     Column("recipe_hash", Text, nullable=False),
     Column("built_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
 )

@@ -463,6 +463,32 @@ def _finite(v: Any) -> float | None:
     return None if v is None or not math.isfinite(float(v)) else float(v)
 
 
+def combine_band_stats(rows: list[list[list[float | None]]], nbands: int) -> list[dict[str, Any]]:
+    """Dataset band statistics from per-chip ``[count, mean, std, min, max]`` rows (in tile
+    order, so the result is reproducible): counts add, means weight, variances combine with
+    Chan et al.'s pairwise formula (no sum of squares, no cancellation)."""
+    n = np.zeros(nbands)
+    mean = np.zeros(nbands)
+    m2 = np.zeros(nbands)
+    lo = np.full(nbands, np.inf)
+    hi = np.full(nbands, -np.inf)
+    for chip in rows:
+        for b, (cnt, m, sd, mn, mx) in enumerate(chip[:nbands]):
+            if not cnt:
+                continue
+            total = n[b] + cnt
+            delta = m - mean[b]
+            mean[b] += delta * cnt / total
+            m2[b] += sd * sd * cnt + delta * delta * n[b] * cnt / total
+            n[b] = total
+            lo[b], hi[b] = min(lo[b], mn), max(hi[b], mx)
+    return [{"band": b + 1, "count": int(n[b]),
+             "mean": _finite(mean[b]) if n[b] else None,
+             "std": _finite(math.sqrt(m2[b] / n[b])) if n[b] else None,
+             "min": _finite(lo[b]) if n[b] else None,
+             "max": _finite(hi[b]) if n[b] else None} for b in range(nbands)]
+
+
 def refresh_stats(conn: psycopg.Connection, dataset: str, *,
                   split_report: SplitReport | None = None) -> dict[str, Any]:
     """Compute the dataset's statistics (layout in the module docstring) and store them."""
@@ -473,12 +499,8 @@ def refresh_stats(conn: psycopg.Connection, dataset: str, *,
         cur = conn.execute(sql_text("chips_counts"), base)
         counts = dict(zip([c.name for c in cur.description], cur.fetchone(), strict=True))
         nbands = counts["nbands"] or 0
-        bands = []
-        if nbands:
-            for band, count, mean, std, lo, hi in conn.execute(sql_text("chips_band_stats"),
-                                                               base | {"nbands": nbands}):
-                bands.append({"band": band, "count": int(count or 0), "mean": _finite(mean),
-                              "std": _finite(std), "min": _finite(lo), "max": _finite(hi)})
+        rows = [r[0] for r in conn.execute(sql_text("chips_band_stats"), base)]
+        bands = combine_band_stats(rows, nbands) if nbands else []
         pixels = {str(k): int(n) for k, n in conn.execute(sql_text("chips_class_pixels"), base)}
     for cid in [0, *ds.recipe.classes]:
         pixels.setdefault(str(cid), 0)

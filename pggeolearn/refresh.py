@@ -231,6 +231,11 @@ class RefreshReport:
         return "\n".join(lines)
 
 
+def _usable(row: tuple) -> bool:
+    """A chip (fingerprint row) with imagery and at most MAX_NODATA_FRAC NODATA."""
+    return row[0] is not None and row[3] is not None and row[3] <= chips.MAX_NODATA_FRAC
+
+
 def _fingerprints(conn: psycopg.Connection, dataset: str, tiles: list[int]) -> dict[int, tuple]:
     return {r[0]: r[1:] for r in conn.execute(
         "SELECT tile_id, md5(ST_AsBinary(image)), md5(ST_AsBinary(label)), split, nodata_frac "
@@ -289,8 +294,7 @@ def refresh(dsn: str | None, dataset: str, *, margin_m: float | None = None, job
                 if b[2] != a[2]:
                     move = f"{b[2]}->{a[2]}"
                     report.split_changes[move] = report.split_changes.get(move, 0) + 1
-                elif b[2] == "excluded" and a[1] is not None and a[3] is not None \
-                        and a[3] <= chips.MAX_NODATA_FRAC and (b[3] or 1) > chips.MAX_NODATA_FRAC:
+                elif b[2] == "excluded" and _usable(a) and not _usable(b):
                     report.split_changes["excluded->usable"] = \
                         report.split_changes.get("excluded->usable", 0) + 1
             with conn.transaction():

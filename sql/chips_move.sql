@@ -4,9 +4,10 @@
 -- refresh): then it keeps its split, and is excluded if it became unusable (an orphan or more
 -- NODATA than max_nodata).
 INSERT INTO pggeolearn.chips AS c
-    (dataset, tile_id, geom, image, label, split, nodata_frac, class_counts, recipe_hash, built_at)
+    (dataset, tile_id, geom, image, label, split, nodata_frac, class_counts, band_stats,
+     recipe_hash, built_at)
 SELECT %(dataset)s, s.tile_id, s.geom, s.image, s.label, NULL, s.nodata_frac, s.class_counts,
-       %(recipe_hash)s, now()
+       s.band_stats, %(recipe_hash)s, now()
 FROM pg_temp.pggeolearn_chip_stage AS s
 ON CONFLICT (dataset, tile_id) DO UPDATE SET
     geom = EXCLUDED.geom, image = EXCLUDED.image, label = EXCLUDED.label,
@@ -14,4 +15,5 @@ ON CONFLICT (dataset, tile_id) DO UPDATE SET
                  WHEN EXCLUDED.image IS NULL OR EXCLUDED.nodata_frac > %(max_nodata)s THEN 'excluded'
                  ELSE c.split END,
     nodata_frac = EXCLUDED.nodata_frac, class_counts = EXCLUDED.class_counts,
+    band_stats = EXCLUDED.band_stats,
     recipe_hash = EXCLUDED.recipe_hash, built_at = EXCLUDED.built_at

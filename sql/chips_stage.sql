@@ -8,8 +8,12 @@
 --                 that declare a NODATA value (0 when none does)
 --   class_counts  pixels per label value 0..max(%(max_class)s, largest value in the tile):
 --                 class_counts[k + 1] (SQL arrays start at 1) counts class k
+--   band_stats    per band [count, mean, stddev (population), min, max] of the image's pixels,
+--                 NODATA excluded: the dataset's statistics combine these rows (chips.py)
+--                 instead of re-reading every image
 -- OFFSET 0 keeps each subquery from being pulled up, so every tile function runs once.
-INSERT INTO pg_temp.pggeolearn_chip_stage (tile_id, geom, image, label, nodata_frac, class_counts)
+INSERT INTO pg_temp.pggeolearn_chip_stage (tile_id, geom, image, label, nodata_frac, class_counts,
+                                           band_stats)
 SELECT s.tile_id, s.geom, s.image, s.label,
        CASE WHEN s.image IS NULL THEN 1.0
             ELSE coalesce((SELECT max(1.0 - ST_Count(s.image, b, true)::float8
@@ -22,7 +26,10 @@ SELECT s.tile_id, s.geom, s.image, s.label,
             FROM generate_series(0, greatest(%(max_class)s::integer,
                                              (SELECT max(x) FROM unnest(v.vals) AS x))) AS k
             ORDER BY k)
-       END
+       END,
+       (SELECT array_agg(ARRAY[st.count, st.mean, st.stddev, st.min, st.max]::float8[] ORDER BY b)
+        FROM generate_series(1, ST_NumBands(s.image)) AS b,
+             LATERAL ST_SummaryStats(s.image, b, true) AS st)
 FROM (
     SELECT t.tile_id, ST_Envelope(pggeolearn.tile_ref(%(dataset)s, t.tile_id)) AS geom,
            CASE WHEN NOT o.orphan THEN i.image END AS image,

@@ -9,7 +9,8 @@ CREATE TEMP TABLE IF NOT EXISTS pggeolearn_chip_stage (
     image raster,
     label raster,
     nodata_frac real NOT NULL,
-    class_counts bigint[]
+    class_counts bigint[],
+    band_stats float8[]
 );
 ALTER TABLE pg_temp.pggeolearn_chip_stage ALTER COLUMN image SET STORAGE EXTERNAL;
 ALTER TABLE pg_temp.pggeolearn_chip_stage ALTER COLUMN label SET STORAGE EXTERNAL;

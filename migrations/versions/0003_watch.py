@@ -1,5 +1,6 @@
-"""Living datasets: pggeolearn.watches (which source tables a dataset follows) and
-pggeolearn.changes (footprints of rows changed in them, written by triggers).
+"""Living datasets: pggeolearn.watches (which source tables a dataset follows),
+pggeolearn.changes (footprints of rows changed in them, written by triggers), and
+chips.band_stats (per-chip band statistics, so dataset statistics need not re-read images).
 
 Revision ID: 0003
 Revises: 0002
@@ -41,8 +42,19 @@ def upgrade() -> None:
         schema=S,
     )
     op.create_index("changes_source_idx", "changes", ["source", "change_id"], schema=S)
+    op.add_column("chips", sa.Column("band_stats", sa.dialects.postgresql.ARRAY(sa.Double)),
+                  schema=S)
+    # chips built before: per band [count, mean, stddev, min, max], NODATA excluded
+    op.execute(f"""
+        UPDATE {S}.chips AS c SET band_stats = (
+            SELECT array_agg(ARRAY[st.count, st.mean, st.stddev, st.min, st.max]::float8[]
+                             ORDER BY b)
+            FROM generate_series(1, ST_NumBands(c.image)) AS b,
+                 LATERAL ST_SummaryStats(c.image, b, true) AS st)
+        WHERE c.image IS NOT NULL""")
 
 
 def downgrade() -> None:
+    op.drop_column("chips", "band_stats", schema=S)
     op.drop_table("changes", schema=S)
     op.drop_table("watches", schema=S)
