@@ -355,7 +355,7 @@ def build(conn_or_dsn: psycopg.Connection | str | None, dataset: str, *, jobs: i
             has_chips = control.execute("SELECT EXISTS (SELECT 1 FROM pggeolearn.chips "
                                         "WHERE dataset = %s)", [dataset]).fetchone()[0]
         if has_chips and keep_splits:
-            refresh_stats(control, dataset)
+            refresh_stats(control, dataset, splits_kept=True)
             report.stats = datasets.get(control, dataset).stats or {}
         elif has_chips:
             params = SplitParams.from_json((ds.stats or {}).get("split_params"))
@@ -490,8 +490,11 @@ def combine_band_stats(rows: list[list[list[float | None]]], nbands: int) -> lis
 
 
 def refresh_stats(conn: psycopg.Connection, dataset: str, *,
-                  split_report: SplitReport | None = None) -> dict[str, Any]:
-    """Compute the dataset's statistics (layout in the module docstring) and store them."""
+                  split_report: SplitReport | None = None,
+                  splits_kept: bool = False) -> dict[str, Any]:
+    """Compute the dataset's statistics (layout in the module docstring) and store them.
+    ``splits_kept``: no chip moved between train/val/test since the last computation (a
+    refresh only excludes chips), so the stored leakage still holds."""
     ds = datasets.get(conn, dataset)
     old = ds.stats or {}
     base = {"dataset": dataset, "recipe_hash": ds.recipe_hash, "max_nodata": MAX_NODATA_FRAC}
@@ -513,7 +516,8 @@ def refresh_stats(conn: psycopg.Connection, dataset: str, *,
     else:
         split_params = old.get("split_params")
         guard_excluded = old.get("guard_excluded", 0)
-        leak = leakage(conn, dataset) if split_params else None
+        leak = (old.get("leakage") if splits_kept else leakage(conn, dataset)) \
+            if split_params else None
     stats = {
         "version": STATS_VERSION,
         "recipe_hash": ds.recipe_hash,
