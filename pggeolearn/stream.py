@@ -75,6 +75,7 @@ __all__ = [
     "epoch_batches",
     "epoch_order",
     "normalize",
+    "read_dsn",
     "shard_index",
     "show_batch",
 ]
@@ -108,6 +109,18 @@ def shard_index(num_parts: int = 1, part_index: int = 0, num_workers: int = 1,
     if not 0 <= worker_id < num_workers:
         raise errors.ConfigError(f"worker_id must be in 0..{num_workers - 1}, not {worker_id}")
     return part_index * num_workers + worker_id, num_parts * num_workers
+
+
+def read_dsn(dsn: str | Sequence[str] | None, shard: int) -> str | None:
+    """The server a reader streams from: ``dsn`` itself, or with several (a primary and its
+    read replicas, all holding the same chips) the one at ``shard % len(dsn)``, so readers
+    spread evenly over them."""
+    if dsn is None or isinstance(dsn, str):
+        return dsn
+    dsns = list(dsn)
+    if not dsns:
+        raise errors.ConfigError("give at least one DSN")
+    return dsns[shard % len(dsns)]
 
 
 def epoch_order(ids: Sequence[int] | np.ndarray, *, seed: int = 0, epoch: int = 0,
@@ -272,6 +285,10 @@ class GeoStream:
 
     Parameters (all but ``dsn`` and ``dataset`` keyword-only):
 
+    * ``dsn``: one server, or a list (a primary and its read replicas): each shard reads from
+      ``dsn[shard % len(dsn)]`` (:func:`read_dsn`), so parallel readers spread over them.
+    * ``sampling``: SQL returning ``(tile_id, weight)``; epochs become weighted draws.
+
     * ``split``: ``'train'``, ``'val'``, ``'test'``, ``'excluded'`` or ``'all'`` (the first three);
       ``None`` in live mode.
     * ``batch_size``, ``shuffle``, ``seed``, ``epoch``: the epoch order is a permutation seeded
@@ -299,7 +316,7 @@ class GeoStream:
 
     def __init__(
         self,
-        dsn: str | None,
+        dsn: str | Sequence[str] | None,
         dataset: str,
         *,
         split: str | None = "train",
@@ -344,7 +361,8 @@ class GeoStream:
         if max_batches is not None and max_batches < 0:
             raise errors.ConfigError("max_batches must be >= 0")
         self.shard, self.world = shard_index(num_parts, part_index, num_workers, worker_id)
-        self.dsn, self.dataset_name, self.source = dsn, dataset, source
+        self.dsn = read_dsn(dsn, self.shard)
+        self.dataset_name, self.source = dataset, source
         self.batch_size, self.shuffle, self.seed = int(batch_size), bool(shuffle), int(seed)
         self.epoch = int(epoch)
         self.last_batch, self.augment, self.prefetch = last_batch, bool(augment), int(prefetch)
