@@ -56,7 +56,8 @@ from psycopg import sql
 from pggeolearn import errors, wkb
 from pggeolearn.db.connect import connect
 from pggeolearn.db.errors import db_errors, translate
-from pggeolearn.db.readonly import DEFAULT_TIMEOUT_S, read_only
+from pggeolearn.db.usersql import DEFAULT_TIMEOUT_S
+from pggeolearn.db.usersql import sandbox as read_only
 from pggeolearn.resources import sql_text
 
 __all__ = [
