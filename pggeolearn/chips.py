@@ -89,7 +89,7 @@ from tqdm import tqdm
 from pggeolearn import datasets, errors
 from pggeolearn.db.connect import connect
 from pggeolearn.db.errors import db_errors, first_line, translate
-from pggeolearn.db.readonly import read_only
+from pggeolearn.db import usersql
 from pggeolearn.resources import sql_text
 from pggeolearn.splits import (
     EXCLUDED,
@@ -210,7 +210,7 @@ class _Worker:
         params = self.base | {"tile_ids": tiles}
         what = f"tile {tiles[0]}" if len(tiles) == 1 else f"tiles {tiles[0]}..{tiles[-1]}"
         try:
-            with read_only(self.conn, self.timeout_s * len(tiles)):
+            with usersql.sandbox(self.conn, self.timeout_s * len(tiles)):
                 self.conn.execute(sql_text("chips_stage"), params)
         except psycopg.Error as exc:
             raise self._stage_error(exc, tiles, what) from exc
@@ -234,7 +234,8 @@ class _Worker:
         found = self._diagnose(tiles)
         tile, kind, cause = found or (tiles[0] if len(tiles) == 1 else None, "recipe", exc)
         where = f"tile {tile}" if tile is not None else what
-        msg = f"{kind} SQL of dataset {self.ds.name} fails on {where}: {first_line(cause)}"
+        msg = (f"{kind} SQL of dataset {self.ds.name} fails on {where}: "
+               f"{usersql.permission_hint(cause) or first_line(cause)}")
         if getattr(cause, "sqlstate", None) == "25006":
             msg += " (recipe SQL runs in READ ONLY transactions and may not write)"
         return errors.RecipeError(msg)
@@ -244,7 +245,7 @@ class _Worker:
         for tile in tiles:
             for kind, fn in (("image", "image_tile"), ("label", "label_tile")):
                 try:
-                    with read_only(self.conn, self.timeout_s):
+                    with usersql.sandbox(self.conn, self.timeout_s):
                         self.conn.execute(sql.SQL("SELECT pggeolearn.{}(%s, %s) IS NULL").format(
                             sql.Identifier(fn)), [self.ds.name, tile])
                 except psycopg.Error as exc:
@@ -258,17 +259,17 @@ def _select_tiles(dsn: str, ds: datasets.Dataset, where: str | None) -> list[int
     """Tile ids to build: all, or those the --where SQL over (tile_id, geom) keeps."""
     if where is None:
         return list(range(ds.n_tiles))
-    text = where.strip().rstrip(";").strip()
-    if not text:
+    if not usersql.stored(where):
         raise errors.ConfigError("--where is empty")
-    query = sql.SQL(
-        "SELECT t.tile_id FROM (SELECT g.tile_id, g.geom FROM pggeolearn.tile_grid(%s) AS g) AS t "
-        "WHERE ({}) ORDER BY t.tile_id").format(sql.SQL(text.replace("%", "%%")))
+    query = usersql.embed(
+        "SELECT t.tile_id FROM (SELECT g.tile_id, g.geom FROM pggeolearn.tile_grid(%(dataset)s) AS g)"
+        " AS t WHERE ({user}) ORDER BY t.tile_id", user=where)
     # its own short-lived connection: user SQL never runs on the one that writes
     with connect(dsn, autocommit=True, application_name="pggeolearn chips where") as conn:
         try:
-            with read_only(conn):
-                return [r[0] for r in conn.execute(query, [ds.name])]
+            with usersql.sandbox(conn):
+                return [r[0] for r in usersql.rows(conn, query, {"dataset": ds.name},
+                                                   [("tile_id", "integer")])]
         except psycopg.Error as exc:
             if not _stage_failure(exc):
                 raise translate(exc, "--where") from exc

@@ -25,7 +25,7 @@ from psycopg import sql
 from pggeolearn import errors
 from pggeolearn.db.errors import db_errors, first_line
 from pggeolearn.db.names import split_table
-from pggeolearn.db.readonly import read_only
+from pggeolearn.db import usersql
 from pggeolearn.db.schema import require_schema
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
@@ -225,23 +225,19 @@ def _type_names(conn: psycopg.Connection, oids: list[int]) -> list[str]:
 
 def _describe(conn: psycopg.Connection, kind: str, user_sql: str, params: dict) -> dict[str, str]:
     """Column name -> type name of a recipe query, planned but not run (LIMIT 0)."""
-    query = sql.SQL(TILE_CTE + "SELECT q.* FROM tile, LATERAL ({}) AS q LIMIT 0").format(sql.SQL(_escape(user_sql)))
+    query = usersql.embed(TILE_CTE + "SELECT q.* FROM tile, LATERAL ({user}) AS q", user=user_sql)
     try:
-        with read_only(conn), conn.cursor() as cur:
-            cur.execute(query, params)
-            desc = cur.description
+        with usersql.sandbox(conn):
+            desc = usersql.describe(conn, query, params)  # parsed, never run
     except psycopg.Error as exc:
-        raise errors.RecipeError(f"{kind} SQL fails: {first_line(exc)}") from exc
-    names = [c.name for c in desc]
-    return dict(zip(names, _type_names(conn, [c.type_code for c in desc]), strict=True))
+        raise _recipe_error(exc, f"{kind} SQL fails") from exc
+    names = [n for n, _ in desc]
+    return dict(zip(names, _type_names(conn, [t for _, t in desc]), strict=True))
 
 
-def _escape(user_sql: str) -> str:
-    """Recipe SQL is embedded as a subquery: strip a trailing ';' and escape psycopg's '%'."""
-    text = user_sql.strip().rstrip(";").strip()
-    if not text:
-        raise errors.RecipeError("empty SQL")
-    return text.replace("%", "%%")
+def _recipe_error(exc: psycopg.Error, context: str) -> errors.PggeolearnError:
+    hint = usersql.permission_hint(exc)
+    return errors.RecipeError(f"{context}: {hint or first_line(exc)}")
 
 
 def _check_columns(image_cols: dict[str, str], label_cols: dict[str, str]) -> None:
@@ -265,33 +261,80 @@ def _fmt(cols: dict[str, str]) -> str:
 
 def _source_srids(conn, kind: str, user_sql: str, expr: str, params: dict) -> list[int]:
     """SRIDs the recipe query returns over the whole extent (none: it returns nothing there)."""
-    query = sql.SQL(WHOLE_EXTENT_CTE + "SELECT DISTINCT ST_SRID(q.{col}) FROM ("
-                    "SELECT q0.* FROM tile, LATERAL ({user}) AS q0 LIMIT 1000) AS q").format(
-        col=sql.Identifier(expr), user=sql.SQL(_escape(user_sql)))
+    query = usersql.embed(WHOLE_EXTENT_CTE + "SELECT DISTINCT ST_SRID(q.{col}) FROM ("
+                          "SELECT q0.* FROM tile, LATERAL ({user}) AS q0 LIMIT 1000) AS q",
+                          {"col": sql.Identifier(expr)}, user=user_sql)
     try:
-        with read_only(conn), conn.cursor() as cur:
-            cur.execute(query, params)
-            return [r[0] for r in cur.fetchall() if r[0] is not None]
+        with usersql.sandbox(conn):
+            rows = usersql.rows(conn, query, params, [("srid", "integer")])
+            return [r[0] for r in rows if r[0] is not None]
     except psycopg.Error as exc:
-        raise errors.RecipeError(f"{kind} SQL fails over the extent: {first_line(exc)}") from exc
+        raise _recipe_error(exc, f"{kind} SQL fails over the extent") from exc
 
 
 def _image_bands(conn, user_sql: str, params: dict) -> list[dict[str, Any]]:
     """Pixel type and nodata of each band of the first raster the image SQL returns."""
-    query = sql.SQL(WHOLE_EXTENT_CTE + "SELECT (ST_BandMetaData(q.rast, b)).pixeltype,"
-                    " (ST_BandMetaData(q.rast, b)).nodatavalue, ST_ScaleX(q.rast), ST_SRID(q.rast) FROM ("
-                    "SELECT q0.rast FROM tile, LATERAL ({user}) AS q0 WHERE q0.rast IS NOT NULL"
-                    " LIMIT 1) AS q, generate_series(1, ST_NumBands(q.rast)) AS b ORDER BY b").format(
-        user=sql.SQL(_escape(user_sql)))
+    query = usersql.embed(WHOLE_EXTENT_CTE + "SELECT (ST_BandMetaData(q.rast, b)).pixeltype,"
+                          " (ST_BandMetaData(q.rast, b)).nodatavalue, ST_ScaleX(q.rast), ST_SRID(q.rast) FROM ("
+                          "SELECT q0.rast FROM tile, LATERAL ({user}) AS q0 WHERE q0.rast IS NOT NULL"
+                          " LIMIT 1) AS q, generate_series(1, ST_NumBands(q.rast)) AS b ORDER BY b",
+                          user=user_sql)
     try:
-        with read_only(conn), conn.cursor() as cur:
-            cur.execute(query, params)
-            rows = cur.fetchall()
+        with usersql.sandbox(conn):
+            rows = usersql.rows(conn, query, params, [("pixeltype", "text"), ("nodata", "float8"),
+                                                      ("scale", "float8"), ("srid", "integer")])
     except psycopg.Error as exc:
-        raise errors.RecipeError(f"image SQL fails over the extent: {first_line(exc)}") from exc
+        raise _recipe_error(exc, "image SQL fails over the extent") from exc
     if not rows:
         raise errors.RecipeError("image SQL returns no raster anywhere in the extent (no imagery there?)")
     return [{"pixeltype": p, "nodata": n, "scale": sx, "srid": srid} for p, n, sx, srid in rows]
+
+
+def _check_label_values(conn, recipe: Recipe, params: dict, has_buffer: bool) -> None:
+    """Over the whole extent (one query, no PostGIS call on the values): every class id is
+    declared in ``classes`` and every ``buffer_m`` is a finite number of metres in range."""
+    buf = "q.buffer_m::float8" if has_buffer else "0::float8"
+    query = usersql.embed(
+        WHOLE_EXTENT_CTE + "SELECT array_agg(DISTINCT q.class_id::bigint) FILTER (WHERE q.geom IS NOT NULL),"
+        " (array_agg(" + buf + "::text) FILTER (WHERE NOT (" + buf + " BETWEEN 0 AND {limit})))[1],"
+        " (array_agg(ST_AsText(ST_Transform(ST_PointOnSurface(ST_Force2D(q.geom)), %(srid)s::integer)))"
+        " FILTER (WHERE NOT (" + buf
+        + " BETWEEN 0 AND {limit})))[1]"
+        " FROM tile, LATERAL ({user}) AS q WHERE q.geom IS NOT NULL",
+        {"limit": sql.Literal(usersql.MAX_BUFFER_M)}, user=recipe.label_sql)
+    try:
+        with usersql.sandbox(conn, 120):
+            ids, bad_buffer, where = usersql.rows(
+                conn, query, params, [("ids", "bigint[]"), ("bad", "text"), ("at", "text")])[0]
+    except psycopg.Error as exc:
+        raise _recipe_error(exc, "label SQL fails over the extent") from exc
+    if bad_buffer is not None:
+        tile = _tile_at(recipe, where)
+        usersql.check_buffer(float(bad_buffer), f"in label SQL of dataset {recipe.name}"
+                             + (f" on tile {tile}" if tile is not None else ""))
+    for cid in sorted(ids or []):
+        if cid is None or not 1 <= cid <= 255:
+            raise errors.RecipeError(f"label SQL of dataset {recipe.name}: class id {cid} is outside "
+                                     "1..255 (0 is the background)")
+        if cid not in recipe.classes:
+            raise errors.RecipeError(
+                f"label SQL of dataset {recipe.name} returns class_id {cid}, not declared in classes "
+                f"({', '.join(map(str, recipe.classes))}): add it or filter it out")
+
+
+def _tile_at(recipe: Recipe, point_wkt: str | None) -> int | None:
+    """The tile id under a point (``POINT(x y)`` in the grid CRS), if it is on the grid."""
+    import math
+
+    try:
+        x, y = (float(v) for v in point_wkt.split("(", 1)[1].rstrip(")").split())
+    except (AttributeError, IndexError, ValueError):
+        return None
+    ncols, nrows = grid_shape(recipe)
+    stride = (recipe.tile_px - recipe.overlap_px) * recipe.resolution
+    minx, _, _, maxy = recipe.extent
+    col, row = math.floor((x - minx) / stride), math.floor((maxy - y) / stride)
+    return row * ncols + col if 0 <= col < ncols and 0 <= row < nrows else None
 
 
 def create(conn: psycopg.Connection, recipe: Recipe, *, overwrite: bool = False,
@@ -338,13 +381,14 @@ def create(conn: psycopg.Connection, recipe: Recipe, *, overwrite: bool = False,
         if other:
             notes.append(f"{kind} in EPSG:{', EPSG:'.join(map(str, other))} are reprojected "
                          f"to the grid's EPSG:{recipe.srid}")
+    _check_label_values(conn, recipe, params, "buffer_m" in label_cols)
 
     meta = recipe.content() | {"label_has_buffer": "buffer_m" in label_cols, "image_bands": bands}
     digest = recipe.digest()
     row = dict(name=recipe.name, srid=recipe.srid, resolution=recipe.resolution,
                tile_px=recipe.tile_px, overlap_px=recipe.overlap_px, minx=minx, miny=miny,
-               maxx=maxx, maxy=maxy, image_sql=recipe.image_sql.strip().rstrip(";"),
-               label_sql=recipe.label_sql.strip().rstrip(";"),
+               maxx=maxx, maxy=maxy, image_sql=usersql.stored(recipe.image_sql),
+               label_sql=usersql.stored(recipe.label_sql),
                classes=json.dumps({str(k): v for k, v in recipe.classes.items()}),
                all_touched=recipe.all_touched, recipe=json.dumps(meta), recipe_hash=digest)
     with conn.transaction():
@@ -359,9 +403,11 @@ def create(conn: psycopg.Connection, recipe: Recipe, *, overwrite: bool = False,
             sql.SQL("INSERT INTO pggeolearn.datasets ({}) VALUES ({})").format(
                 sql.SQL(", ").join(map(sql.Identifier, cols)),
                 sql.SQL(", ").join(sql.Placeholder(c) for c in cols)), row)
-        # From here the transaction may not write: the trial runs the user's SQL read-only.
+        # From here the transaction may not write: the trial runs the user's SQL read-only
+        # (inside image_tile/label_tile, as role pggeolearn_recipe).
         conn.execute("SET LOCAL transaction_read_only = on")
-        conn.execute("SELECT set_config('statement_timeout', '120s', true)")
+        conn.execute("SELECT set_config('statement_timeout', '120s', true),"
+                     " set_config('search_path', pggeolearn.pinned_search_path(), true)")
         _trial(conn, recipe, tile)
     return get(conn, recipe.name, notes=notes)
 
@@ -374,7 +420,7 @@ def _trial(conn: psycopg.Connection, recipe: Recipe, tile: int) -> None:
                 conn.execute(sql.SQL("SELECT pggeolearn.{}(%s, %s) IS NOT NULL").format(
                     sql.Identifier(fn)), [recipe.name, tile]).fetchone()
         except psycopg.Error as exc:
-            raise errors.RecipeError(f"{kind} SQL fails on tile {tile}: {first_line(exc)}") from exc
+            raise _recipe_error(exc, f"{kind} SQL fails on tile {tile}") from exc
 
 
 def get(conn: psycopg.Connection, name: str, *, notes: list[str] | None = None) -> Dataset:

@@ -81,6 +81,10 @@ def _load_osm(conn: psycopg.Connection, dsn: str, scene, osm: Path, say) -> None
                               capture_output=True, text=True)
         if proc.returncode != 0:
             raise errors.DatabaseError(f"osm2pgsql failed: {proc.stderr.strip().splitlines()[-1:]}")
+        from pggeolearn.db import security
+
+        for table in ("planet_osm_line", "planet_osm_polygon"):  # recipes read what is granted
+            security.grant(conn, f"public.{table}")
         say(f"loaded {osm.name} with osm2pgsql")
         return
     from pggeolearn.importers import import_vector

@@ -78,3 +78,7 @@ class ChipError(PggeolearnError, ValueError):
 
 class NotBuilt(PggeolearnError, LookupError):
     """A dataset has no chips (or no chips in a split) yet."""
+
+
+class PermissionDenied(DatabaseError, PermissionError):
+    """The connected role lacks a privilege; the message names it and the GRANT that fixes it."""

@@ -86,7 +86,7 @@ from pggeolearn import errors, wkb
 from pggeolearn.db.connect import connect
 from pggeolearn.db.errors import db_errors, first_line, translate
 from pggeolearn.db.names import split_table
-from pggeolearn.db.readonly import read_only
+from pggeolearn.db import usersql
 from pggeolearn.db.schema import require_schema
 from pggeolearn.resources import sql_text
 
@@ -604,10 +604,9 @@ class _Plan:
 
 
 def _escape(user_sql: str) -> str:
-    text = user_sql.strip().rstrip(";").strip()
-    if not text:
+    if not usersql.stored(user_sql):
         raise errors.ConfigError("empty imagery SQL")
-    return text.replace("%", "%%")
+    return usersql.text(user_sql)
 
 
 def _looks_like_sql(text: str) -> bool:
@@ -653,9 +652,10 @@ def _probe(conn: psycopg.Connection, imagery_sql: str, label: str, extent: Seque
     minx, miny, maxx, maxy = extent
     query = sql.SQL(sql_text("predict_probe")).format(imagery=sql.SQL(imagery_sql))
     try:
-        with read_only(conn, timeout_s):
-            row = conn.execute(query, {"minx": minx, "miny": miny, "maxx": maxx, "maxy": maxy,
-                                       "srid": srid, "res": res}).fetchone()
+        with usersql.sandbox(conn, timeout_s):
+            found = usersql.rows(conn, query, {"minx": minx, "miny": miny, "maxx": maxx, "maxy": maxy,
+                                               "srid": srid, "res": res}, _PROBE_COLUMNS)
+            row = found[0] if found else None
     except psycopg.Error as exc:
         raise _user_sql_error(exc, f"{label} fails over the extent") from exc
     if row is None:
@@ -670,7 +670,12 @@ def _user_sql_error(exc: psycopg.Error, context: str) -> errors.PggeolearnError:
         return errors.QueryTimeout(f"{context}: statement timeout")
     if state is None or state[:2] in _INFRA_SQLSTATE:
         return translate(exc, context)
-    return errors.RecipeError(f"{context}: {first_line(exc)}")
+    return errors.RecipeError(f"{context}: {usersql.permission_hint(exc) or first_line(exc)}")
+
+
+_PROBE_COLUMNS = [("srid", "integer"), ("scalex", "float8"), ("scaley", "float8"), ("skewx", "float8"),
+                  ("skewy", "float8"), ("ulx", "float8"), ("uly", "float8"), ("bands", "integer"),
+                  ("pixeltypes", "text[]")]
 
 
 def _transform_extent(conn: psycopg.Connection, extent: Sequence[float], src: int, dst: int
@@ -908,9 +913,9 @@ class _BandReader:
         query = sql.SQL(sql_text("predict_band")).format(imagery=sql.SQL(self.plan.imagery_sql))
         label = f"{self.plan.imagery_label} (window row {r})"
         try:
-            with read_only(conn, self.timeout_s), conn.cursor(binary=True) as cur:
-                cur.execute(query, params)
-                rows = cur.fetchall()
+            with usersql.sandbox(conn, self.timeout_s):
+                rows = usersql.rows(conn, query, params, [("piece", "bytea"), ("warped", "boolean")],
+                                    binary=True)
         except psycopg.Error as exc:
             raise _user_sql_error(exc, f"{self.plan.imagery_label} fails for window row {r}") from exc
         img = np.zeros((p.bands, st.window, bw), np.uint8)

@@ -31,9 +31,9 @@ import psycopg
 from psycopg import sql
 
 from pggeolearn import chips, datasets, errors
+from pggeolearn.db import usersql
 from pggeolearn.db.connect import connect
 from pggeolearn.db.errors import db_errors, first_line
-from pggeolearn.db.readonly import read_only
 
 _LOCK = "SELECT pg_advisory_xact_lock(hashtextextended('pggeolearn changes', 0))"
 _TRIGGERS = (("ins", "INSERT", "NEW TABLE AS pggeolearn_new"),
@@ -78,19 +78,19 @@ def sources(conn: psycopg.Connection, dataset: str) -> list[Source]:
     ds = datasets.get(conn, dataset)
     r = ds.recipe
     tables: set[tuple[str, str]] = set()
+    minx, miny, maxx, maxy = r.extent
+    params = {"minx": minx, "miny": miny, "maxx": maxx, "maxy": maxy, "srid": r.srid,
+              "res": r.resolution}
     for kind, text in (("image", r.image_sql), ("label", r.label_sql)):
-        body = text.strip().rstrip(";").strip()
-        query = sql.SQL(
+        query = usersql.embed(
             "EXPLAIN (VERBOSE, FORMAT JSON) WITH tile AS (SELECT 0::integer AS tile_id, "
-            "ST_MakeEnvelope(%s, %s, %s, %s, %s) AS tile_geom, "
-            "ST_MakeEmptyRaster(1, 1, %s, %s, 1, -1, 0, 0, %s) AS tile_rast, "
-            "%s::integer AS tile_srid, %s::float8 AS tile_res) "
-            "SELECT 1 FROM tile, LATERAL ({}\n) AS q").format(sql.SQL(body.replace("%", "%%")))
-        minx, miny, maxx, maxy = r.extent
-        params = [minx, miny, maxx, maxy, r.srid, minx, maxy, r.srid, r.srid, r.resolution]
+            "ST_MakeEnvelope(%(minx)s, %(miny)s, %(maxx)s, %(maxy)s, %(srid)s) AS tile_geom, "
+            "ST_MakeEmptyRaster(1, 1, %(minx)s, %(maxy)s, 1, -1, 0, 0, %(srid)s) AS tile_rast, "
+            "%(srid)s::integer AS tile_srid, %(res)s::float8 AS tile_res) "
+            "SELECT 1 FROM tile, LATERAL ({q}) AS q", q=text)
         try:
-            with read_only(conn, 30):
-                plan = conn.execute(query, params).fetchone()[0]
+            with usersql.sandbox(conn, 30):
+                plan = usersql.rows(conn, query, params, [("plan", "json")])[0][0]
         except psycopg.Error as exc:
             raise errors.RecipeError(f"{kind} SQL of dataset {dataset} cannot be planned: "
                                      f"{first_line(exc)}") from exc
@@ -122,14 +122,17 @@ def largest_buffer(conn: psycopg.Connection, dataset: str) -> float:
     if "buffer_m" not in ds.label_columns:
         return 0.0
     r = ds.recipe
-    body = r.label_sql.strip().rstrip(";").strip().replace("%", "%%")
-    query = sql.SQL(
-        "WITH tile AS (SELECT -1 AS tile_id, ST_MakeEnvelope(%s, %s, %s, %s, %s) AS tile_geom, "
-        "NULL::raster AS tile_rast, %s::integer AS tile_srid, %s::float8 AS tile_res) "
-        "SELECT max(q.buffer_m::float8) FROM tile, LATERAL ({}\n) AS q").format(sql.SQL(body))
+    query = usersql.embed(
+        "WITH tile AS (SELECT -1 AS tile_id, ST_MakeEnvelope(%(minx)s, %(miny)s, %(maxx)s, "
+        "%(maxy)s, %(srid)s) AS tile_geom, NULL::raster AS tile_rast, %(srid)s::integer AS "
+        "tile_srid, %(res)s::float8 AS tile_res) "
+        "SELECT max(q.buffer_m::float8) FROM tile, LATERAL ({q}) AS q", q=r.label_sql)
+    minx, miny, maxx, maxy = r.extent
+    params = {"minx": minx, "miny": miny, "maxx": maxx, "maxy": maxy, "srid": r.srid,
+              "res": r.resolution}
     try:
-        with read_only(conn, 120):
-            value = conn.execute(query, [*r.extent, r.srid, r.srid, r.resolution]).fetchone()[0]
+        with usersql.sandbox(conn, 120):
+            value = usersql.rows(conn, query, params, [("m", "float8")])[0][0]
     except psycopg.Error as exc:
         raise errors.RecipeError(f"label SQL of dataset {dataset} fails over its extent: "
                                  f"{first_line(exc)}") from exc

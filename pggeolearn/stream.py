@@ -58,9 +58,11 @@ import psycopg
 from psycopg import sql
 
 from pggeolearn import errors, wkb
+from pggeolearn.db import usersql
 from pggeolearn.db.connect import connect
 from pggeolearn.db.errors import db_errors, first_line, translate
-from pggeolearn.db.readonly import DEFAULT_TIMEOUT_S, read_only
+from pggeolearn.db.usersql import DEFAULT_TIMEOUT_S
+from pggeolearn.db.usersql import sandbox as read_only
 from pggeolearn.resources import sql_text
 
 __all__ = [
@@ -550,15 +552,13 @@ class GeoStream:
         ``(tile_id, weight)`` rows over the chip store; chips it leaves out get weight 0."""
         if self.source == "live":
             raise errors.ConfigError("a sampling query needs the chip store (not live mode)")
-        body = query.strip().rstrip(";").strip()
-        if not body:
+        if not (query or "").strip().rstrip(";").strip():
             raise errors.ConfigError("the sampling query is empty")
-        q = sql.SQL("SELECT s.tile_id::bigint, s.weight::float8 FROM ({}\n) AS s").format(
-            sql.SQL(body.replace("%", "%%")))
+        q = usersql.embed("SELECT s.tile_id::bigint, s.weight::float8 FROM ({q}) AS s", q=query)
         with connect(self.dsn, autocommit=True, application_name=self.application_name) as conn:
             try:
                 with read_only(conn, self.timeout_s or DEFAULT_TIMEOUT_S):
-                    rows = conn.execute(q).fetchall()
+                    rows = usersql.rows(conn, q, None, [("tile_id", "bigint"), ("weight", "float8")])
             except psycopg.Error as exc:
                 raise errors.ConfigError(f"sampling query fails: {first_line(exc)} (it must "
                                          "return columns tile_id and weight)") from exc

@@ -31,7 +31,8 @@ BEGIN
         WITH tile AS (SELECT $1::integer AS tile_id, $2::geometry AS tile_geom,
                              $3::raster AS tile_rast, $4::integer AS tile_srid,
                              $5::float8 AS tile_res)
-        SELECT q.rast FROM tile, LATERAL (%s) AS q WHERE q.rast IS NOT NULL $q$, d.image_sql);
+        SELECT q.rast FROM tile, LATERAL (%s
+        ) AS q WHERE q.rast IS NOT NULL $q$, d.image_sql);
     FOR src IN EXECUTE q USING tile_id, box, ref, d.srid, d.resolution LOOP
         IF ST_SRID(src) = 0 THEN
             RAISE EXCEPTION 'image SQL returned a raster with SRID 0 (tile %)', tile_id

@@ -87,13 +87,15 @@ DECLARE
     q text;
     geoms geometry[];
     classes integer[];
+    bad integer;
 BEGIN
     SELECT * INTO d FROM pggeolearn.datasets WHERE name = dataset;
     ref := pggeolearn._tile_ref(d, dataset, tile_id);
     box := ST_Envelope(ref);
     scale := pggeolearn.ground_scale(ST_Centroid(box));
     buffer_expr := CASE WHEN coalesce((d.recipe ->> 'label_has_buffer')::boolean, false)
-                        THEN 'coalesce(q.buffer_m::float8, 0)' ELSE '0::float8' END;
+                        THEN 'pggeolearn.checked_buffer(q.buffer_m::float8, $7, $1)'
+                        ELSE '0::float8' END;
     -- The recipe's SQL is embedded as a subquery and run through a cursor (EXECUTE ... INTO of
     -- a subquery cannot run several statements); this function is STABLE, so PostgreSQL
     -- rejects any data-modifying statement inside it. Per row: SRID checked (0 is an error,
@@ -104,10 +106,11 @@ BEGIN
                              $5::float8 AS tile_res),
         rows AS (
             SELECT q.class_id::integer AS class_id, %s AS b,
-                   CASE ST_SRID(q.geom) WHEN $4 THEN q.geom
+                   CASE ST_SRID(q.geom) WHEN $4 THEN ST_Force2D(q.geom)
                         WHEN 0 THEN pggeolearn._srid0_error(q.geom)
-                        ELSE ST_Transform(q.geom, $4) END AS g
-            FROM tile, LATERAL (%s) AS q
+                        ELSE ST_Transform(ST_Force2D(q.geom), $4) END AS g
+            FROM tile, LATERAL (%s
+            ) AS q
             WHERE q.geom IS NOT NULL),
         prepared AS (
             SELECT class_id, ST_ClipByBox2D(CASE WHEN b > 0 THEN pggeolearn.buffer_ground(
@@ -117,7 +120,13 @@ BEGIN
         SELECT array_agg(g ORDER BY class_id), array_agg(class_id ORDER BY class_id)
         FROM (SELECT class_id, ST_Collect(g) AS g FROM prepared
               WHERE NOT ST_IsEmpty(g) GROUP BY class_id) s $q$, buffer_expr, d.label_sql);
-    EXECUTE q INTO geoms, classes USING tile_id, box, ref, d.srid, d.resolution, scale;
+    EXECUTE q INTO geoms, classes USING tile_id, box, ref, d.srid, d.resolution, scale, dataset;
+    -- a class id the recipe does not declare would be burned and then silently ignored
+    SELECT c INTO bad FROM unnest(classes) AS c WHERE NOT (d.classes ? c::text) LIMIT 1;
+    IF bad IS NOT NULL AND bad BETWEEN 1 AND 255 THEN
+        RAISE EXCEPTION 'class_id % on tile % of dataset % is not declared in its classes (%)',
+            bad, tile_id, dataset, d.classes USING ERRCODE = 'invalid_parameter_value';
+    END IF;
     RETURN pggeolearn.burn(ref, coalesce(geoms, '{}'), coalesce(classes, '{}'), d.all_touched);
 END
 $$;

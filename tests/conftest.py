@@ -1,6 +1,6 @@
 """Shared fixtures: a real PostgreSQL + PostGIS for the session, an isolated database per test.
 
-PGGEOLEARN_TEST_DSN names a server to use (its role must be able to CREATE DATABASE);
+PGGEOLEARN_TEST_DSN names a server to use (its role must be a superuser: it creates roles);
 otherwise the embedded cluster is started in a temporary directory, through the same code
 users run (as root, that also exercises the unprivileged-server-user path). Without
 PostgreSQL binaries the database tests skip locally and fail under CI=true.
@@ -47,8 +47,27 @@ def pg_admin_dsn(tmp_path_factory) -> str:
     cluster.destroy()
 
 
+USER = "pgl_test_user"  # the pipeline's tests run as this non-superuser (pggeolearn_maintainer)
+ATTACKER = "pgl_test_attacker"  # a colleague who may log in and create in public, nothing more
+PASSWORD = "pgl-test-only"
+
+
+def as_role(dsn: str, role: str) -> str:
+    return psycopg.conninfo.make_conninfo(dsn, user=role, password=PASSWORD)
+
+
 @pytest.fixture(scope="session")
-def template_dsn(pg_admin_dsn) -> str:
+def pg_test_roles(pg_admin_dsn) -> None:
+    """Login roles (cluster-wide): the pipeline user and an attacker, neither a superuser."""
+    with psycopg.connect(pg_admin_dsn, autocommit=True) as conn:
+        for role in (USER, ATTACKER):
+            if not conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", [role]).fetchone():
+                conn.execute(sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(
+                    sql.Identifier(role), sql.Literal(PASSWORD)))
+
+
+@pytest.fixture(scope="session")
+def template_dsn(pg_admin_dsn, pg_test_roles) -> str:
     """A database with PostGIS and schema pggeolearn installed, used as a template."""
     name = f"pgl_template_{uuid.uuid4().hex[:8]}"
     with psycopg.connect(pg_admin_dsn, autocommit=True) as conn:
@@ -58,6 +77,13 @@ def template_dsn(pg_admin_dsn) -> str:
         conn.execute("CREATE EXTENSION IF NOT EXISTS postgis")
         conn.execute("CREATE EXTENSION IF NOT EXISTS postgis_raster")
     schema.upgrade(dsn)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        # what a DBA does for a maintainer on a shared server (README "Security of recipe SQL")
+        conn.execute(f"GRANT pggeolearn_maintainer TO {USER}")
+        conn.execute(f"GRANT CREATE ON SCHEMA public TO {USER}, {ATTACKER}")
+        conn.execute("GRANT USAGE ON SCHEMA public TO pggeolearn_recipe")
+        conn.execute(f"ALTER DEFAULT PRIVILEGES FOR ROLE {USER} IN SCHEMA public "
+                     "GRANT SELECT ON TABLES TO pggeolearn_recipe")
     yield dsn
     with psycopg.connect(pg_admin_dsn, autocommit=True) as conn:
         conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
@@ -77,17 +103,37 @@ def _drop(admin_dsn: str, name: str) -> None:
         conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
 
 
+def _grant_database(admin_dsn: str, name: str) -> None:
+    """The DBA lets the pipeline role create schemas for its outputs (predict, evaluate)."""
+    with psycopg.connect(admin_dsn, autocommit=True) as conn:
+        conn.execute(sql.SQL("GRANT CREATE ON DATABASE {} TO {}").format(
+            sql.Identifier(name), sql.Identifier(USER)))
+
+
 @pytest.fixture
-def db_dsn(pg_admin_dsn, template_dsn) -> str:
-    """DSN of a fresh database (a clone of the template) that this test alone uses."""
+def admin_db_dsn(pg_admin_dsn, template_dsn) -> str:
+    """Superuser DSN of a fresh database (a clone of the template) that this test alone uses."""
     name = _clone(pg_admin_dsn, template_dsn)
+    _grant_database(pg_admin_dsn, name)
     yield _with_dbname(pg_admin_dsn, name)
     _drop(pg_admin_dsn, name)
 
 
 @pytest.fixture
+def db_dsn(admin_db_dsn) -> str:
+    """The same database as the non-superuser pipeline role (pggeolearn_maintainer)."""
+    return as_role(admin_db_dsn, USER)
+
+
+@pytest.fixture
+def admin_conn(admin_db_dsn) -> psycopg.Connection:
+    with psycopg.connect(admin_db_dsn, autocommit=True) as connection:
+        yield connection
+
+
+@pytest.fixture
 def conn(db_dsn) -> psycopg.Connection:
-    """An autocommit connection to this test's own database."""
+    """An autocommit connection to this test's own database, as the pipeline role."""
     with psycopg.connect(db_dsn, autocommit=True) as connection:
         yield connection
 
@@ -132,7 +178,7 @@ def scene_template_dsn(pg_admin_dsn, template_dsn, scene) -> str:
 
     name = _clone(pg_admin_dsn, template_dsn)
     dsn = _with_dbname(pg_admin_dsn, name)
-    with psycopg.connect(dsn, autocommit=True) as conn:
+    with psycopg.connect(as_role(dsn, USER), autocommit=True) as conn:
         import_raster(conn, [scene.image_path], "public.imagery", progress=False)
         import_vector(conn, scene.roads_path, "public.planet_osm_line", srid=3857,
                       geom_column="way", progress=False)
@@ -143,15 +189,22 @@ def scene_template_dsn(pg_admin_dsn, template_dsn, scene) -> str:
 
 
 @pytest.fixture
-def scene_dsn(pg_admin_dsn, scene_template_dsn) -> str:
-    """A fresh clone of the scene database for one test."""
+def scene_admin_dsn(pg_admin_dsn, scene_template_dsn) -> str:
+    """A fresh clone of the scene database for one test (superuser DSN)."""
     tmpl = psycopg.conninfo.conninfo_to_dict(scene_template_dsn)["dbname"]
     name = f"pgl_test_{uuid.uuid4().hex[:10]}"
     with psycopg.connect(pg_admin_dsn, autocommit=True) as conn:
         conn.execute(sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(
             sql.Identifier(name), sql.Identifier(tmpl)))
+    _grant_database(pg_admin_dsn, name)
     yield _with_dbname(pg_admin_dsn, name)
     _drop(pg_admin_dsn, name)
+
+
+@pytest.fixture
+def scene_dsn(scene_admin_dsn) -> str:
+    """The scene clone as the non-superuser pipeline role."""
+    return as_role(scene_admin_dsn, USER)
 
 
 @pytest.fixture

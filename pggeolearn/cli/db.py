@@ -49,9 +49,59 @@ def status(datadir: Path | None) -> None:
 @db.command()
 @pass_ctx
 def init(ctx: Context) -> None:
-    """Install schema pggeolearn (tables and SQL functions). Safe to repeat."""
+    """Install schema pggeolearn (tables, SQL functions, the recipe sandbox role, the reader /
+    trainer / maintainer roles, pinned search_paths). Safe to repeat."""
     rev = schema.upgrade(ctx.dsn)
     click.echo(f"schema pggeolearn at revision {rev}")
+    _report_holes(ctx)
+
+
+def _report_holes(ctx: Context) -> int:
+    from pggeolearn.db import connect, security
+
+    with connect(ctx.dsn, autocommit=True) as conn:
+        holes = security.check(conn)
+    for hole in holes:
+        click.echo(f"hole: {hole}")
+    if not holes:
+        click.echo("recipe sandbox: no hole found (pggeolearn_recipe, pinned search_path, "
+                   "large objects revoked)")
+    return len(holes)
+
+
+@db.command()
+@pass_ctx
+def check(ctx: Context) -> None:
+    """Report what still lets recipe SQL do harm here, one line each; exit 1 when anything does."""
+    if _report_holes(ctx):
+        raise SystemExit(1)
+
+
+@click.command()
+@click.argument("target", required=False)
+@click.option("--schema", "is_schema", is_flag=True,
+              help="TARGET is a schema: every table in it, and tables created there later.")
+@click.option("--role", "level", type=click.Choice(["reader", "trainer", "maintainer"]), default=None,
+              help="Instead: make login role TARGET a member of pggeolearn_<role>.")
+@pass_ctx
+def grant(ctx: Context, target: str | None, is_schema: bool, level: str | None) -> None:
+    """Let recipe SQL read TABLE (or --schema SCHEMA); or give a login role a pggeolearn role.
+
+    \b
+    pggeolearn grant public.roads            recipes may SELECT public.roads
+    pggeolearn grant --schema osm            ... every table of schema osm
+    pggeolearn grant --role trainer alice    GRANT pggeolearn_trainer TO alice
+    """
+    from pggeolearn import errors
+    from pggeolearn.db import connect, security
+
+    if not target:
+        raise errors.ConfigError("name a table, a schema (--schema) or a login role (--role)")
+    with connect(ctx.dsn, autocommit=True) as conn:
+        if level:
+            click.echo(security.grant_role(conn, level, target))
+        else:
+            click.echo(security.grant(conn, target, schema=is_schema))
 
 
 @db.command()

@@ -37,6 +37,7 @@ def _register() -> None:
     from pggeolearn.cli import db
 
     cli.add_command(db.db)
+    cli.add_command(db.grant)
     for name in ("imports", "datasets", "chips", "stream", "train", "predict", "demo"):
         try:
             module = __import__(f"pggeolearn.cli.{name}", fromlist=["commands"])
@@ -69,3 +70,11 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(exc.exit_code)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
+    except Exception as exc:  # a database error that escaped the library: still one line
+        if verbose or not type(exc).__module__.startswith("psycopg"):
+            raise
+        from pggeolearn.db.errors import first_line
+        from pggeolearn.db.usersql import permission_hint
+
+        click.echo(f"error: {permission_hint(exc) or first_line(exc)}", err=True)
+        sys.exit(1)

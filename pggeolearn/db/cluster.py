@@ -8,6 +8,7 @@ distribution created it, else ``pggeolearn``) that owns the data directory.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import pwd
@@ -22,6 +23,7 @@ from pggeolearn import errors
 INSTALL_HINT = "install them (Debian/Ubuntu: apt-get install postgresql-15-postgis-3)"
 SUPERUSER = "postgres"  # not "pggeolearn": "$user" in search_path would pick our schema
 DBNAME = "pggeolearn"
+_PINNED = "-c search_path=public"  # never "$user" (CVE-2018-1058)
 SERVER_SETTINGS = {
     "listen_addresses": "''",
     "unix_socket_permissions": "0700",
@@ -158,13 +160,37 @@ class Cluster:
         bindir = find_bindir()
         if not postgis_available(bindir):
             raise errors.MissingDependency(f"PostGIS is not installed for {bindir}: {INSTALL_HINT}")
-        if not self.initialized():
-            self._initdb(bindir)
-        if self._live_pid() is None:
-            self._remove_stale_pid()
-            self._start(bindir)
-        self._ensure_database(dbname)
+        with self._lock():  # two `db up` at once: the second waits, then finds it running
+            if not self.initialized():
+                self._initdb(bindir)
+            if self._live_pid() is None:
+                self._remove_stale_pid()
+                self._start(bindir)
+            self._ensure_database(dbname)
         return self.status()
+
+    @contextlib.contextmanager
+    def _lock(self, timeout_s: float = 120.0):
+        """An exclusive lock file beside the data directory, held while creating/starting."""
+        import fcntl
+
+        self.datadir.parent.mkdir(parents=True, exist_ok=True)
+        path = self.datadir.parent / f".{self.datadir.name}.lock"
+        with open(path, "a") as fh:
+            deadline = time.monotonic() + timeout_s
+            while True:
+                try:
+                    fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        raise errors.ClusterError(
+                            f"another pggeolearn holds {path} for more than {timeout_s:g} s") from None
+                    time.sleep(0.1)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
 
     def down(self) -> Status:
         """Stop the server (fast shutdown); a stopped or absent cluster is not an error."""
@@ -252,7 +278,7 @@ class Cluster:
         deadline = time.monotonic() + 30
         while True:
             try:
-                conn = psycopg.connect(self.dsn("postgres"), autocommit=True)
+                conn = psycopg.connect(self.dsn("postgres"), autocommit=True, options=_PINNED)
                 break
             except psycopg.OperationalError as exc:
                 if time.monotonic() > deadline:
@@ -262,6 +288,6 @@ class Cluster:
             exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", [dbname]).fetchone()
             if not exists:
                 conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(dbname)))
-        with psycopg.connect(self.dsn(dbname), autocommit=True) as conn:
+        with psycopg.connect(self.dsn(dbname), autocommit=True, options=_PINNED) as conn:
             conn.execute("CREATE EXTENSION IF NOT EXISTS postgis")
             conn.execute("CREATE EXTENSION IF NOT EXISTS postgis_raster")

@@ -37,7 +37,33 @@ def connect(dsn: str | None = None, *, autocommit: bool = False, **kwargs) -> ps
     kwargs.setdefault("application_name", "pggeolearn")
     kwargs.setdefault("connect_timeout", 10)
     try:
-        return psycopg.connect(target, autocommit=autocommit, **kwargs)
+        conn = psycopg.connect(target, autocommit=autocommit, **kwargs)
     except psycopg.OperationalError as exc:
         where = target or "the server named by the PG* environment variables"
         raise errors.DatabaseError(f"cannot connect to {where}: {first_line(exc)}") from exc
+    try:
+        pin_search_path(conn)
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def pin_search_path(conn: psycopg.Connection) -> None:
+    """An explicit search_path: (pg_catalog,) where PostGIS lives, then public; never ``"$user"``
+    (CVE-2018-1058: a schema named after the user would shadow every unqualified call)."""
+    try:
+        conn.execute(PIN_SEARCH_PATH)
+        if not conn.autocommit:
+            conn.commit()  # a later rollback must not undo it
+    except psycopg.Error as exc:
+        raise errors.DatabaseError(f"cannot set search_path: {first_line(exc)}") from exc
+
+
+# pg_catalog is searched first whenever it is not named (and naming it first would make it the
+# schema CREATE EXTENSION/TABLE write into)
+PIN_SEARCH_PATH = """SELECT pg_catalog.set_config('search_path', pg_catalog.concat_ws(', ',
+    (SELECT pg_catalog.string_agg(DISTINCT pg_catalog.quote_ident(n.nspname), ', ')
+     FROM pg_catalog.pg_extension e JOIN pg_catalog.pg_namespace n ON n.oid = e.extnamespace
+     WHERE e.extname IN ('postgis', 'postgis_raster') AND n.nspname <> 'public'),
+    'public'), false)"""

@@ -25,6 +25,14 @@ def install_functions(bind: sa.Connection) -> None:
             raw.execute(path.read_text())
         except psycopg.Error as exc:
             raise errors.SchemaError(f"{path.name}: {first_line(exc)}") from exc
+    from pggeolearn.db import security
+
+    # roles, grants, the sandbox's owner, a pinned search_path on every function of the schema
+    # (whoever wrote its file); what this role may not do is reported by `pggeolearn db check`
+    try:
+        security.install(raw)
+    except psycopg.Error as exc:
+        raise errors.SchemaError(f"security setup: {first_line(exc)}") from exc
 
 
 def _engine(dsn: str | None) -> sa.Engine:
@@ -117,6 +125,12 @@ def version_info(dsn: str | None = None) -> VersionInfo:
 
 def require_schema(conn: psycopg.Connection) -> None:
     """Fail with one line when the schema is not installed in the connected database."""
-    found = conn.execute("SELECT to_regnamespace(%s) IS NOT NULL", [SCHEMA]).fetchone()[0]
+    found, usage, user = conn.execute(
+        "SELECT to_regnamespace(%s) IS NOT NULL, has_schema_privilege(current_user, %s, 'USAGE')"
+        " OR to_regnamespace(%s) IS NULL, current_user", [SCHEMA, SCHEMA, SCHEMA]).fetchone()
     if not found:
         raise errors.SchemaError("schema pggeolearn is not installed here (run: pggeolearn db init)")
+    if not usage:
+        raise errors.PermissionDenied(
+            f"role {user} lacks USAGE on schema pggeolearn (a DBA fixes it: "
+            f"GRANT pggeolearn_reader TO {user}; trainer or maintainer to train or build)")

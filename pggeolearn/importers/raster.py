@@ -42,6 +42,7 @@ from tqdm import tqdm
 from pggeolearn import errors, wkb
 from pggeolearn.db.errors import db_errors, first_line
 from pggeolearn.importers import _common
+from pggeolearn.db import security
 from pggeolearn.resources import sql_text
 
 __all__ = ["ImportReport", "import_raster", "expand_paths"]
@@ -429,6 +430,7 @@ def import_raster(
             _common.index_name(name, "st_convexhull_idx"), ident))
         conn.execute(sql_text("raster_constraints"), {"schema": schema, "table": name, "column": "rast"})
         conn.execute(sql.SQL("ANALYZE {}").format(ident))
+        security.grant_quietly(conn, schema, name)  # recipe SQL may read what pggeolearn imported
         info = conn.execute(sql_text("import_raster_columns"),
                             {"schema": schema, "table": name}).fetchone()
 

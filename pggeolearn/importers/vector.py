@@ -31,6 +31,7 @@ from tqdm import tqdm
 from pggeolearn import errors
 from pggeolearn.db.errors import db_errors
 from pggeolearn.importers import _common
+from pggeolearn.db import security
 from pggeolearn.resources import sql_text
 
 __all__ = ["VectorImportReport", "import_vector"]
@@ -448,6 +449,7 @@ def import_vector(
         conn.execute(sql.SQL("CREATE INDEX IF NOT EXISTS {} ON {} USING gist ({})").format(
             _common.index_name(name, f"{geom_column}_idx"), ident, sql.Identifier(geom_column)))
         conn.execute(sql.SQL("ANALYZE {}").format(ident))
+        security.grant_quietly(conn, schema, name)  # recipe SQL may read what pggeolearn imported
 
     return VectorImportReport(
         table=display, file=path.name, features=len(feats), made_valid=made_valid,

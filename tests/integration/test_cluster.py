@@ -95,3 +95,18 @@ def test_cli_up_init_version_down(tmp_path):
     finally:
         result = runner.invoke(cli, ["db", "down"], env=env)
         assert "stopped" in result.output
+
+
+def test_two_concurrent_db_up_both_succeed(tmp_path):
+    """`db up` is idempotent, also when two run at once (a lock file beside the data directory)."""
+    datadir = tmp_path / "pgdata"
+    code = ("import sys; from pggeolearn.db import cluster as cl; "
+            "s = cl.Cluster(sys.argv[1], settings={'fsync': 'off'}).up(); print(s.running)")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(datadir)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    try:
+        outs = [p.communicate(timeout=300) for p in procs]
+        assert [p.returncode for p in procs] == [0, 0], outs
+        assert all(o.strip() == "True" for o, _ in outs)
+    finally:
+        cl.Cluster(datadir).destroy()
