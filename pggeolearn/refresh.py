@@ -83,14 +83,15 @@ def sources(conn: psycopg.Connection, dataset: str) -> list[Source]:
               "res": r.resolution}
     for kind, text in (("image", r.image_sql), ("label", r.label_sql)):
         query = usersql.embed(
-            "EXPLAIN (VERBOSE, FORMAT JSON) WITH tile AS (SELECT 0::integer AS tile_id, "
+            "WITH tile AS (SELECT 0::integer AS tile_id, "
             "ST_MakeEnvelope(%(minx)s, %(miny)s, %(maxx)s, %(maxy)s, %(srid)s) AS tile_geom, "
             "ST_MakeEmptyRaster(1, 1, %(minx)s, %(maxy)s, 1, -1, 0, 0, %(srid)s) AS tile_rast, "
             "%(srid)s::integer AS tile_srid, %(res)s::float8 AS tile_res) "
             "SELECT 1 FROM tile, LATERAL ({q}) AS q", q=text)
         try:
             with usersql.sandbox(conn, 30):
-                plan = usersql.rows(conn, query, params, [("plan", "json")])[0][0]
+                plan = conn.execute("SELECT pggeolearn.recipe_plan(%s)",
+                                    [usersql.render(conn, query, params)]).fetchone()[0]
         except psycopg.Error as exc:
             raise errors.RecipeError(f"{kind} SQL of dataset {dataset} cannot be planned: "
                                      f"{first_line(exc)}") from exc

@@ -51,6 +51,24 @@ COMMENT ON FUNCTION pggeolearn.record_change() IS
   'Trigger function installed by `pggeolearn dataset watch`: appends the footprints of changed rows '
   '(arguments: g:<geometry column> or r:<raster column>) to pggeolearn.changes.';
 
+CREATE OR REPLACE FUNCTION pggeolearn.recipe_plan(query text)
+RETURNS json
+LANGUAGE plpgsql VOLATILE STRICT
+AS $$
+DECLARE
+    plan json;
+BEGIN
+    -- EXPLAIN is refused inside STABLE functions (recipe_rows), hence this twin: it only
+    -- plans, as role pggeolearn_recipe (db init makes it SECURITY DEFINER, owned by that
+    -- role), since planning may already evaluate functions the recipe calls
+    EXECUTE 'EXPLAIN (VERBOSE, FORMAT JSON) ' || query INTO plan;
+    RETURN plan;
+END
+$$;
+COMMENT ON FUNCTION pggeolearn.recipe_plan(text) IS
+  'Internal: the EXPLAIN (VERBOSE, FORMAT JSON) plan of one query composed by pggeolearn around user '
+  'SQL, planned as role pggeolearn_recipe (which tables a recipe reads: dataset watch).';
+
 CREATE OR REPLACE FUNCTION pggeolearn.changed_tiles(dataset text, since bigint, upto bigint,
                                                      margin float8 DEFAULT 0)
 RETURNS TABLE (tile_id integer)

@@ -25,7 +25,7 @@ from pggeolearn.db.usersql import RECIPE_ROLE
 READER, TRAINER, MAINTAINER = "pggeolearn_reader", "pggeolearn_trainer", "pggeolearn_maintainer"
 ROLES = (RECIPE_ROLE, READER, TRAINER, MAINTAINER)
 SANDBOXED = ("pggeolearn.recipe_rows(text)", "pggeolearn.image_tile(text, integer)",
-             "pggeolearn.label_tile(text, integer)")
+             "pggeolearn.label_tile(text, integer)", "pggeolearn.recipe_plan(text)")
 # large-object functions PUBLIC may run by default; allowed even in READ ONLY transactions
 LO_FUNCTIONS = ("lo_creat", "lo_create", "lo_from_bytea", "lo_put", "lo_get", "lo_open",
                 "lo_close", "loread", "lowrite", "lo_lseek", "lo_lseek64", "lo_tell", "lo_tell64",

@@ -130,9 +130,9 @@ def test_truncate_rebuilds_everything(conn, watched):
     assert all(label_of(conn, t).max() == 0 for t in (9, 30, 46))
 
 
-def test_editor_needs_no_privilege_on_pggeolearn(conn, watched):
+def test_editor_needs_no_privilege_on_pggeolearn(conn, admin_conn, watched):
     """A mapper who may edit public.shapes, and nothing in schema pggeolearn, records changes."""
-    conn.execute("CREATE ROLE pgl_mapper LOGIN PASSWORD 'm'")
+    admin_conn.execute("CREATE ROLE pgl_mapper LOGIN PASSWORD 'm'")
     try:
         conn.execute("GRANT SELECT, UPDATE ON public.shapes TO pgl_mapper")
         info = conn.info
@@ -143,8 +143,8 @@ def test_editor_needs_no_privilege_on_pggeolearn(conn, watched):
             mapper.execute("UPDATE public.shapes SET class_id = 2 WHERE class_id = 1")
         assert len(refresh.refresh(watched, "small", progress=False).tiles) == 2 * NCOLS
     finally:
-        conn.execute("DROP OWNED BY pgl_mapper")
-        conn.execute("DROP ROLE pgl_mapper")
+        admin_conn.execute("DROP OWNED BY pgl_mapper")
+        admin_conn.execute("DROP ROLE pgl_mapper")
 
 
 def test_unwatched_dataset_is_a_clear_error(conn, db_dsn):

@@ -11,7 +11,7 @@ from test_chips import make_data, make_dataset
 
 from pggeolearn import chips, errors
 from pggeolearn.db import cluster as cl
-from pggeolearn.db import schema
+from pggeolearn.db import schema, security
 from pggeolearn.db.replica import make_replica, wait_for_replay
 from pggeolearn.stream import GeoStream, read_dsn
 
@@ -37,6 +37,7 @@ def pair(tmp_path_factory):
         schema.upgrade(dsn)
         with psycopg.connect(dsn, autocommit=True) as conn:
             make_data(conn)
+            security.grant(conn, "public", schema=True)  # recipe SQL may read the test tables
             make_dataset(conn)
         standby = make_replica(primary, base / "standby")
         yield primary, standby
