@@ -20,11 +20,15 @@ from pggeolearn.resources import resource_dir, schema_files
 def install_functions(bind: sa.Connection) -> None:
     """Run every ``sql/NN_*.sql`` file (CREATE OR REPLACE ...) on the migration's connection."""
     raw = bind.connection.driver_connection  # psycopg: no parameters -> multi-statement allowed
+    # the files are the package's, whatever revision the tables are at (`db upgrade --revision`):
+    # a SQL function may name a table a later revision creates (as pg_dump restores do)
+    raw.execute("SET LOCAL check_function_bodies = off")
     for path in schema_files():
         try:
             raw.execute(path.read_text())
         except psycopg.Error as exc:
             raise errors.SchemaError(f"{path.name}: {first_line(exc)}") from exc
+    drop_superseded(raw)
     from pggeolearn.db import security
 
     # roles, grants, the sandbox's owner, a pinned search_path on every function of the schema
@@ -33,6 +37,24 @@ def install_functions(bind: sa.Connection) -> None:
         security.install(raw)
     except psycopg.Error as exc:
         raise errors.SchemaError(f"security setup: {first_line(exc)}") from exc
+
+
+def drop_superseded(raw: psycopg.Connection) -> list[str]:
+    """Drop the functions of schema pggeolearn that the files just run did not (re)create: old
+    signatures of functions whose arguments changed, functions since removed. Every function a
+    file defines was written in this transaction (CREATE OR REPLACE writes its catalog row), so
+    what else is in the schema is left over from an older version."""
+    stale = [r[0] for r in raw.execute(
+        "SELECT p.oid::regprocedure::text FROM pg_catalog.pg_proc p "
+        "WHERE p.pronamespace = 'pggeolearn'::regnamespace AND p.prokind IN ('f', 'p') "
+        "AND p.xmin::text::bigint <> txid_current() % 4294967296 ORDER BY 1")]
+    for signature in stale:
+        try:
+            raw.execute(f"DROP FUNCTION {signature}")  # regprocedure text: quoted, qualified
+        except psycopg.Error as exc:
+            raise errors.SchemaError(f"cannot drop the superseded {signature}: "
+                                     f"{first_line(exc)}") from exc
+    return stale
 
 
 def _engine(dsn: str | None) -> sa.Engine:

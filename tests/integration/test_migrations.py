@@ -1,0 +1,72 @@
+"""Schema versions: a fresh install equals an upgrade from the first revision, and functions
+that the SQL files no longer define (an old signature, a removed function) are dropped."""
+
+from __future__ import annotations
+
+import uuid
+
+import psycopg
+import pytest
+from psycopg import sql
+
+from pggeolearn.db import schema
+
+CATALOG = """
+SELECT 'function ' || p.oid::regprocedure::text || ' -> ' || pg_get_function_result(p.oid)
+       || ' ' || p.provolatile::text || ' ' || p.prosecdef::text || ' ' || md5(p.prosrc)
+FROM pg_proc p WHERE p.pronamespace = 'pggeolearn'::regnamespace
+UNION ALL
+SELECT 'column ' || c.relname || '.' || a.attname || ' ' || format_type(a.atttypid, a.atttypmod)
+       || CASE WHEN a.attnotnull THEN ' not null' ELSE '' END
+FROM pg_class c JOIN pg_attribute a ON a.attrelid = c.oid
+WHERE c.relnamespace = 'pggeolearn'::regnamespace AND c.relkind IN ('r', 'v', 'p')
+  AND a.attnum > 0 AND NOT a.attisdropped
+UNION ALL
+SELECT 'index ' || indexrelid::regclass::text || ' ' || pg_get_indexdef(indexrelid)
+FROM pg_index i JOIN pg_class c ON c.oid = i.indrelid
+WHERE c.relnamespace = 'pggeolearn'::regnamespace
+UNION ALL
+SELECT 'constraint ' || conrelid::regclass::text || ' ' || pg_get_constraintdef(oid)
+FROM pg_constraint WHERE connamespace = 'pggeolearn'::regnamespace
+ORDER BY 1
+"""
+
+
+def catalog(dsn: str) -> list[str]:
+    with psycopg.connect(dsn) as conn:
+        return [r[0] for r in conn.execute(CATALOG)]
+
+
+@pytest.fixture
+def second_empty_db_dsn(pg_admin_dsn):
+    name = f"pgl_empty_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(pg_admin_dsn, autocommit=True) as c:
+        c.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    yield psycopg.conninfo.make_conninfo(pg_admin_dsn, dbname=name)
+    with psycopg.connect(pg_admin_dsn, autocommit=True) as c:
+        c.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+def test_fresh_install_equals_upgrade_from_the_first_revision(empty_db_dsn, second_empty_db_dsn):
+    fresh, stepped = empty_db_dsn, second_empty_db_dsn
+    schema.upgrade(fresh)
+    assert schema.upgrade(stepped, "0001") == "0001"
+    schema.upgrade(stepped)
+    assert catalog(stepped) == catalog(fresh)
+
+
+def test_superseded_functions_are_dropped(empty_db_dsn):
+    schema.upgrade(empty_db_dsn)
+    with psycopg.connect(empty_db_dsn, autocommit=True) as conn:
+        # what an older version would have left: another signature of a function, a removed one
+        conn.execute("CREATE FUNCTION pggeolearn.tile_ref(dataset text, tile_id bigint) "
+                     "RETURNS raster LANGUAGE sql AS 'SELECT NULL::raster'")
+        conn.execute("CREATE FUNCTION pggeolearn.gone() RETURNS int LANGUAGE sql AS 'SELECT 1'")
+    before = len(catalog(empty_db_dsn))
+    schema.upgrade(empty_db_dsn)  # at head already: the functions are reinstalled
+    with psycopg.connect(empty_db_dsn) as conn:
+        left = [r[0] for r in conn.execute(
+            "SELECT oid::regprocedure::text FROM pg_proc WHERE pronamespace = "
+            "'pggeolearn'::regnamespace AND proname IN ('tile_ref', 'gone') ORDER BY 1")]
+    assert left == ["pggeolearn.tile_ref(text,integer)"]
+    assert len(catalog(empty_db_dsn)) == before - 2
