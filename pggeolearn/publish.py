@@ -4,9 +4,10 @@ speed and look, without anyone touching a dialog.
 * **Raster tables** (:func:`publish_raster`): a GiST index on ``ST_ConvexHull(rast)``,
   ``AddRasterConstraints`` (the table appears in ``raster_columns`` with its SRID, pixel size,
   block size, bands, pixel types, NODATA and extent: QGIS's PostgreSQL browser and GDAL's
-  PostGISRaster driver list it from there without scanning), overview tables built with
-  ``ST_CreateOverview`` (factors 2 and 4 by default, registered in ``raster_overviews``, so a
-  zoomed-out QGIS view reads a quarter or a sixteenth of the pixels) and ``ANALYZE``.
+  PostGISRaster driver list it from there without scanning), overview tables (factors 2 and 4
+  by default, registered in ``raster_overviews``, so a zoomed-out QGIS view reads a quarter or
+  a sixteenth of the pixels; built by :mod:`pggeolearn.qgis.overviews`, not
+  ``ST_CreateOverview``, whose tiles GDAL and QGIS cannot read) and ``ANALYZE``.
 * **Vector tables** (:func:`publish_vector`): the geometry column must carry a type modifier
   (``geometry(MultiPolygon, 3857)``: QGIS then knows type and CRS without a full scan); a GiST
   index and ``ANALYZE``.
@@ -38,6 +39,7 @@ from pggeolearn import errors
 from pggeolearn.db.errors import db_errors
 from pggeolearn.db.names import split_table
 from pggeolearn.importers._common import index_name
+from pggeolearn.qgis import overviews as overviews_mod
 from pggeolearn.resources import sql_text
 
 __all__ = [
@@ -271,7 +273,8 @@ def publish_raster(conn: psycopg.Connection, table: str, *, column: str = "rast"
     """Index, constrain, build overviews for and analyze a raster table (see module docstring).
 
     Existing constraints and overview tables are replaced, so it can run again after rows were
-    added. ``overview_algorithm``: NearestNeighbour for classes, Bilinear for continuous values.
+    added. ``overview_algorithm``: ``nearest`` (or ``NearestNeighbour``) for classes,
+    ``average`` (or ``Bilinear``) for continuous values.
     """
     schema, name = split_table(table)
     ident = sql.Identifier(schema, name)
@@ -284,11 +287,10 @@ def publish_raster(conn: psycopg.Connection, table: str, *, column: str = "rast"
                      [schema, name, column])
         conn.execute(sql_text("raster_constraints"),
                      {"schema": schema, "table": name, "column": column})
-        made = []
-        for factor in overviews:
-            ov = conn.execute("SELECT ST_CreateOverview(%s::regclass, %s::name, %s::integer, %s::text)::text",
-                              [ident.as_string(conn), column, int(factor), overview_algorithm]).fetchone()[0]
-            made.append(ov)
+        grid = overviews_mod.base_grid(conn, f"{schema}.{name}", column) if overviews else None
+        made = [overviews_mod.build_overview(conn, f"{schema}.{name}", int(f), column=column,
+                                             method=overview_algorithm, grid=grid)[0]
+                for f in overviews]
         conn.execute(sql.SQL("ANALYZE {}").format(ident))
         row = conn.execute(
             "SELECT srid, scale_x, scale_y, blocksize_x, blocksize_y, num_bands, pixel_types,"
