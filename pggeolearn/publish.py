@@ -36,9 +36,11 @@ import psycopg
 from psycopg import sql
 
 from pggeolearn import errors
+from pggeolearn import palette as _palette
 from pggeolearn.db.errors import db_errors
 from pggeolearn.db.names import split_table
 from pggeolearn.importers._common import index_name
+from pggeolearn.palette import RGB
 from pggeolearn.qgis import overviews as overviews_mod
 from pggeolearn.resources import sql_text
 
@@ -50,13 +52,6 @@ __all__ = [
 
 QGIS_VERSION = "3.28.0"  # the QML dialect written here; newer QGIS versions read it
 DOCTYPE = "<!DOCTYPE qgis PUBLIC 'http://mrcc.com/qgis.dtd' 'SYSTEM'>"
-# Qualitative colours (ColorBrewer Set1 + Dark2), class 1 first; background is transparent.
-_COLOURS = [
-    (228, 26, 28), (55, 126, 184), (77, 175, 74), (152, 78, 163), (255, 127, 0), (255, 255, 51),
-    (166, 86, 40), (247, 129, 191), (27, 158, 119), (217, 95, 2), (117, 112, 179), (231, 41, 138),
-    (102, 166, 30), (230, 171, 2), (153, 153, 153),
-]
-RGB = tuple[int, int, int]
 
 
 # ------------------------------------------------------------------------------------------
@@ -64,15 +59,9 @@ RGB = tuple[int, int, int]
 
 
 def palette(classes: dict[int, str] | Sequence[int]) -> dict[int, RGB]:
-    """A stable colour per class id (0, background, is black; its alpha is set by the style)."""
-    out: dict[int, RGB] = {}
-    for cid in sorted(classes):
-        out[int(cid)] = (0, 0, 0) if cid == 0 else _COLOURS[(int(cid) - 1) % len(_COLOURS)]
-    return out
-
-
-def _hex(rgb: RGB) -> str:
-    return "#{:02x}{:02x}{:02x}".format(*rgb)
+    """A stable colour per class id, :mod:`pggeolearn.palette`'s (0, background, is black; its
+    alpha is set by the style)."""
+    return _palette.palette(classes)
 
 
 def _qgis_root() -> ET.Element:
@@ -120,7 +109,7 @@ def class_raster_qml(classes: dict[int, str], colours: dict[int, RGB] | None = N
     pal = ET.SubElement(rr, "colorPalette")
     for cid in sorted(classes):
         alpha = background_alpha if cid == 0 else 255
-        ET.SubElement(pal, "paletteEntry", {"value": str(cid), "color": _hex(colours[cid]),
+        ET.SubElement(pal, "paletteEntry", {"value": str(cid), "color": _palette.hex_colour(colours[cid]),
                                             "alpha": str(alpha), "label": str(classes[cid])})
     return _document(root)
 
