@@ -242,6 +242,9 @@ def evaluate(dsn_or_conn: psycopg.Connection | str | None, model: str | Predicto
             if isinstance(exc, psycopg.Error):
                 raise translate(exc, f"evaluate run {run_id}") from exc
             raise
+        from pggeolearn.qgis.project import refresh_after
+
+        report.notes += refresh_after(control, model_name, dataset)  # the dataset's QGIS project
     return report
 
 

@@ -47,7 +47,7 @@ from pggeolearn.resources import sql_text
 __all__ = [
     "RasterInfo", "categorized_qml", "class_raster_qml", "drop_overviews", "ensure_layer_styles",
     "gdal_connstring", "graduated_qml", "gray_raster_qml", "palette", "publish_raster",
-    "publish_vector", "save_style",
+    "publish_vector", "save_style", "single_symbol_qml",
 ]
 
 QGIS_VERSION = "3.28.0"  # the QML dialect written here; newer QGIS versions read it
@@ -135,11 +135,14 @@ def _option_map(parent: ET.Element, props: dict[str, str]) -> None:
         ET.SubElement(parent, "prop", {"k": k, "v": v})
 
 
-def _fill_symbol(symbols: ET.Element, name: str, rgb: RGB, *, fill_alpha: int = 110) -> None:
-    sym = ET.SubElement(symbols, "symbol", {"type": "fill", "name": name, "alpha": "1",
+def _symbol_layer(symbols: ET.Element, name: str, kind: str, cls: str) -> ET.Element:
+    sym = ET.SubElement(symbols, "symbol", {"type": kind, "name": name, "alpha": "1",
                                             "clip_to_extent": "1", "force_rhr": "0"})
-    layer = ET.SubElement(sym, "layer", {"class": "SimpleFill", "enabled": "1", "locked": "0",
-                                         "pass": "0"})
+    return ET.SubElement(sym, "layer", {"class": cls, "enabled": "1", "locked": "0", "pass": "0"})
+
+
+def _fill_symbol(symbols: ET.Element, name: str, rgb: RGB, *, fill_alpha: int = 110) -> None:
+    layer = _symbol_layer(symbols, name, "fill", "SimpleFill")
     r, g, b = rgb
     _option_map(layer, {
         "border_width_map_unit_scale": "3x:0,0,0,0,0,0", "color": f"{r},{g},{b},{fill_alpha}",
@@ -157,17 +160,40 @@ def _vector_root(renderer: dict[str, str]) -> tuple[ET.Element, ET.Element]:
     return root, rend
 
 
-def _vector_tail(root: ET.Element, rend: ET.Element) -> str:
+def _line_symbol(symbols: ET.Element, name: str, rgb: RGB, *, width: float = 0.5) -> None:
+    layer = _symbol_layer(symbols, name, "line", "SimpleLine")
+    r, g, b = rgb
+    _option_map(layer, {"line_color": f"{r},{g},{b},255", "line_style": "solid",
+                        "line_width": str(width), "line_width_unit": "MM", "capstyle": "round",
+                        "joinstyle": "round", "offset": "0", "offset_unit": "MM"})
+
+
+def single_symbol_qml(rgb: RGB, *, geometry: str = "polygon", fill_alpha: int = 0) -> str:
+    """QML of one symbol for every feature: outlined polygons (``fill_alpha`` 0: hollow) or
+    lines (``geometry='line'``), e.g. the label sources of a dataset."""
+    root, rend = _vector_root({"type": "singleSymbol"})
+    symbols = ET.SubElement(rend, "symbols")
+    if geometry == "line":
+        _line_symbol(symbols, "0", rgb)
+    else:
+        _fill_symbol(symbols, "0", rgb, fill_alpha=fill_alpha)
+    return _vector_tail(root, rend, geometry)
+
+
+_GEOMETRY_TYPES = {"point": "0", "line": "1", "polygon": "2"}
+
+
+def _vector_tail(root: ET.Element, rend: ET.Element, geometry: str = "polygon") -> str:
     ET.SubElement(rend, "rotation")
     ET.SubElement(rend, "sizescale")
     ET.SubElement(root, "blendMode").text = "0"
     ET.SubElement(root, "featureBlendMode").text = "0"
     ET.SubElement(root, "layerOpacity").text = "1"
-    ET.SubElement(root, "layerGeometryType").text = "2"  # polygon
+    ET.SubElement(root, "layerGeometryType").text = _GEOMETRY_TYPES[geometry]
     return _document(root)
 
 
-def categorized_qml(attr: str, categories: Sequence[tuple[Any, str, RGB]]) -> str:
+def categorized_qml(attr: str, categories: Sequence[tuple[Any, str, RGB]], *, fill_alpha: int = 110) -> str:
     """QML of a categorized polygon renderer: ``(value, label, colour)`` per category."""
     root, rend = _vector_root({"type": "categorizedSymbol", "attr": attr})
     cats = ET.SubElement(rend, "categories")
@@ -175,7 +201,7 @@ def categorized_qml(attr: str, categories: Sequence[tuple[Any, str, RGB]]) -> st
     for i, (value, label, rgb) in enumerate(categories):
         ET.SubElement(cats, "category", {"render": "true", "symbol": str(i), "value": str(value),
                                          "label": str(label)})
-        _fill_symbol(symbols, str(i), rgb)
+        _fill_symbol(symbols, str(i), rgb, fill_alpha=fill_alpha)
     return _vector_tail(root, rend)
 
 

@@ -24,16 +24,17 @@ def connection_params(conn: psycopg.Connection) -> dict[str, str]:
 
 
 def layer_uri(conn: psycopg.Connection, table: str, *, raster: bool = False, column: str | None = None,
-              geometry_type: str = "MultiPolygon", srid: int | None = None, key: str = "id") -> str:
+              geometry_type: str = "MultiPolygon", srid: int | None = None, key: str | None = "id") -> str:
     """The source of a layer on ``table``: QGIS's ``postgresraster`` provider (``raster=True``,
     column ``rast``) or ``postgres`` (column ``geom``, with key, SRID and geometry type: QGIS
-    finds a vector layer's default style in layer_styles only when the type is given)."""
+    finds a vector layer's default style in layer_styles only when the type is given; no key:
+    QGIS uses ctid)."""
     schema, name = split_table(table)
     p = connection_params(conn)
     parts = [f"dbname={_q(p['dbname'])}", f"host={p['host']}", f"port={p['port']}", f"user={_q(p['user'])}"]
     if not raster:
-        parts += [f"key={_q(key)}", *([f"srid={int(srid)}"] if srid else []), f"type={geometry_type}",
-                  "checkPrimaryKeyUnicity='0'"]
+        parts += [*([f"key={_q(key)}"] if key else []), *([f"srid={int(srid)}"] if srid else []),
+                  f"type={geometry_type}", "checkPrimaryKeyUnicity='0'"]
     parts.append(f"table={_ident(schema)}.{_ident(name)} ({column or ('rast' if raster else 'geom')})")
     return " ".join(parts)
 
