@@ -30,6 +30,7 @@ from psycopg import sql
 
 from pggeolearn import errors, palette, publish
 from pggeolearn.db.errors import db_errors
+from pggeolearn.qgis.review import review_comment, review_qml
 from pggeolearn.qgis.uris import layer_uri
 from pggeolearn.resources import sql_text
 
@@ -91,7 +92,7 @@ def _mentions(text: str, schema: str, table: str) -> bool:
 
 
 def _vector_layer(conn: psycopg.Connection, name: str, row, qml: str | None, visible: bool = True) -> Layer:
-    _, schema, table, column, srid, gtype, key, _ = row
+    _, schema, table, column, srid, gtype, key = row[:7]
     qtype = _QGIS_TYPES.get((gtype or "").upper())
     if qtype is None:  # a generic geometry column: the type of its first row
         found = conn.execute(sql.SQL("SELECT GeometryType({}) FROM {} WHERE {} IS NOT NULL LIMIT 1").format(
@@ -127,7 +128,7 @@ def build_project(conn: psycopg.Connection, dataset: str, *, models: list[str] |
 
     review, predictions, evaluation = [], [], []
     imagery_sql = [r.image_sql, r.extent_from or ""]
-    for _run_id, kind, model, cls, prob, polys, evl, imagery, *box in runs:
+    for run_id, kind, model, cls, prob, polys, evl, imagery, *box in runs:
         if box[0] is not None:
             project.extent = (min(project.extent[0], box[0]), min(project.extent[1], box[1]),
                               max(project.extent[2], box[2]), max(project.extent[3], box[3]))
@@ -141,9 +142,9 @@ def build_project(conn: psycopg.Connection, dataset: str, *, models: list[str] |
             cats = [(k, classes[k], colours[k]) for k in sorted(classes) if k != 0]
             predictions.append(_vector_layer(conn, f"{model}: objects", vectors[polys],
                                              publish.categorized_qml("class_id", cats)))
-            rv = f"{polys}_review"
-            if rv in vectors:
-                review.append(_vector_layer(conn, f"{model}: review", vectors[rv], review_qml()))
+            review += [_vector_layer(conn, f"{model}: review ({key.split('.')[-1]})", row, review_qml())
+                       for key, row in sorted(vectors.items())
+                       if (row[8] or "").startswith(review_comment(run_id))]
         if cls in rasters:
             predictions.append(_raster_layer(conn, f"{model}: classes", cls, r.srid,
                                              publish.class_raster_qml(classes, colours)))
@@ -174,11 +175,6 @@ def build_project(conn: psycopg.Connection, dataset: str, *, models: list[str] |
         if layers:
             project.groups.append((group, layers))
     return project
-
-
-def review_qml() -> str:
-    """Review objects coloured by kind (new, missing, changed)."""
-    return publish.categorized_qml("kind", [(k, k, rgb) for k, rgb in palette.REVIEW_RGB.items()])
 
 
 # ------------------------------------------------------------------------------------------
