@@ -56,6 +56,7 @@ class Layer:
     srid: int
     geometry_type: str | None = None  # QGIS's name (MultiPolygon, LineString, ...)
     visible: bool = True
+    value_maps: dict[str, tuple[str, ...]] = field(default_factory=dict)  # field -> choices (a drop-down)
 
 
 @dataclass
@@ -142,9 +143,11 @@ def build_project(conn: psycopg.Connection, dataset: str, *, models: list[str] |
             cats = [(k, classes[k], colours[k]) for k in sorted(classes) if k != 0]
             predictions.append(_vector_layer(conn, f"{model}: objects", vectors[polys],
                                              publish.categorized_qml("class_id", cats)))
-            review += [_vector_layer(conn, f"{model}: review ({key.split('.')[-1]})", row, review_qml())
-                       for key, row in sorted(vectors.items())
-                       if (row[8] or "").startswith(review_comment(run_id))]
+            for key, row in sorted(vectors.items()):
+                if (row[8] or "").startswith(review_comment(run_id)):
+                    layer = _vector_layer(conn, f"{model}: review ({key.split('.')[-1]})", row, review_qml())
+                    layer.value_maps = {"status": palette.REVIEW_STATUS}
+                    review.append(layer)
         if cls in rasters:
             predictions.append(_raster_layer(conn, f"{model}: classes", cls, r.srid,
                                              publish.class_raster_qml(classes, colours)))
@@ -255,6 +258,16 @@ def _maplayer(layer: Layer, srs: dict[int, tuple[str, str]]) -> ET.Element:
         style = ET.fromstring(layer.qml.split("\n", 1)[1] if layer.qml.startswith("<!DOCTYPE") else layer.qml)
         for child in style:
             el.append(child)
+    if layer.value_maps:
+        fields = ET.SubElement(el, "fieldConfiguration")
+        for name, choices in layer.value_maps.items():
+            widget = ET.SubElement(ET.SubElement(fields, "field", {"name": name, "configurationFlags": "None"}),
+                                   "editWidget", {"type": "ValueMap"})
+            options = ET.SubElement(ET.SubElement(ET.SubElement(widget, "config"), "Option", {"type": "Map"}),
+                                    "Option", {"type": "List", "name": "map"})
+            for choice in choices:
+                ET.SubElement(ET.SubElement(options, "Option", {"type": "Map"}), "Option",
+                              {"type": "QString", "name": choice, "value": choice})
     return el
 
 

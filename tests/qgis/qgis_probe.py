@@ -60,6 +60,10 @@ def describe(layer, factors, out: str | None) -> dict:
     if isinstance(layer, QgsVectorLayer):
         info["features"] = layer.featureCount()
         info["geometry_type"] = layer.wkbType()
+        fields = layer.fields()
+        info["widgets"] = {f.name(): layer.editorWidgetSetup(i).type() for i, f in enumerate(fields)
+                           if layer.editorWidgetSetup(i).type()}
+        info["editable"] = bool(layer.dataProvider().capabilities() & layer.dataProvider().ChangeAttributeValues)
         if r is not None and r.type() == "categorizedSymbol":
             info["categories"] = [str(c.value()) for c in r.categories()]
         base = 512

@@ -16,7 +16,7 @@ from pggeolearn import errors
 from pggeolearn.cli.main import cli
 from pggeolearn.qgis import project as qproject
 from pggeolearn.qgis import review
-from pggeolearn.qgis.uris import layer_uri
+from pggeolearn.qgis.uris import layer_uri, project_uri
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration"))
 from test_evaluate import BUILDINGS, FALSE_ROOF, HIDDEN, PX  # noqa: E402
@@ -125,3 +125,9 @@ def test_qgis_opens_the_review_layer_styled_and_editable(run, tmp_path):
     assert lyr["valid"] and lyr["renderer"] == "categorizedSymbol" and lyr["features"] == 3
     assert lyr["categories"] == ["new", "missing", "changed"]
     assert all(lyr["renders"][k] > 0 for k in ("1", "4", "16"))
+    # in the stored project, status is a drop-down of todo / accepted / rejected
+    env = {"PGHOST": conn.info.host, "PGPORT": str(conn.info.port), "PGUSER": conn.info.user}
+    rep = probe({"project": project_uri(conn, "pggeolearn", "scene"), "factors": [4]}, tmp_path, env=env)
+    (lyr,) = [x for x in rep["layers"] if x["name"] == "brightness: review (pred_review)"]
+    assert lyr["valid"] and lyr["editable"] and lyr["widgets"] == {"status": "ValueMap"}
+    assert lyr["renderer"] == "categorizedSymbol" and lyr["renders"]["4"] > 0
