@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import shutil
 import sys
 import xml.etree.ElementTree as ET
 import zipfile
@@ -27,8 +25,6 @@ from test_predict import BrightnessPredictor  # noqa: E402
 
 from pggeolearn import predict  # noqa: E402
 from pggeolearn.evaluate import evaluate  # noqa: E402
-
-DOCS = Path(__file__).resolve().parents[2] / "docs"
 
 
 @pytest.fixture
@@ -110,8 +106,6 @@ def test_qgis_opens_the_stored_project(outputs, tmp_path):
     for name, lyr in layers.items():
         assert all(lyr["renders"][k] > 0 for k in ("1", "4", "16")), (name, lyr["renders"])
     assert rep["project_render"] > 0
-    if os.environ.get("PGGEOLEARN_WRITE_DOCS") == "1":  # refresh the screenshot of docs/qgis.md
-        shutil.copy(tmp_path / "project.png", DOCS / "qgis-project.png")
 
 
 def test_project_uri_and_metadata_as_qgis_writes_them(outputs):

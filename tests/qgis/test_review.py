@@ -5,6 +5,8 @@ dataset's project; the commands a mapper types."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -24,6 +26,8 @@ from test_evaluate import scene as scene  # noqa: E402, F401  (the fixture)
 from test_predict import RES, UL, BrightnessPredictor  # noqa: E402
 
 from pggeolearn import predict  # noqa: E402
+
+DOCS = Path(__file__).resolve().parents[2] / "docs"
 
 
 def box(r0, r1, c0, c1) -> list[float]:
@@ -127,7 +131,11 @@ def test_qgis_opens_the_review_layer_styled_and_editable(run, tmp_path):
     assert all(lyr["renders"][k] > 0 for k in ("1", "4", "16"))
     # in the stored project, status is a drop-down of todo / accepted / rejected
     env = {"PGHOST": conn.info.host, "PGPORT": str(conn.info.port), "PGUSER": conn.info.user}
-    rep = probe({"project": project_uri(conn, "pggeolearn", "scene"), "factors": [4]}, tmp_path, env=env)
+    rep = probe({"project": project_uri(conn, "pggeolearn", "scene"), "factors": [4], "out": str(tmp_path),
+                 "project_px": 480}, tmp_path, env=env)
     (lyr,) = [x for x in rep["layers"] if x["name"] == "brightness: review (pred_review)"]
     assert lyr["valid"] and lyr["editable"] and lyr["widgets"] == {"status": "ValueMap"}
     assert lyr["renderer"] == "categorizedSymbol" and lyr["renders"]["4"] > 0
+    assert rep["project_render"] > 0
+    if os.environ.get("PGGEOLEARN_WRITE_DOCS") == "1":  # refresh the screenshot of docs/qgis.md
+        shutil.copy(tmp_path / "project.png", DOCS / "qgis-project.png")
