@@ -86,7 +86,7 @@ from psycopg import sql
 from psycopg.types.json import Jsonb
 from tqdm import tqdm
 
-from pggeolearn import datasets, errors
+from pggeolearn import datasets, errors, palette
 from pggeolearn.db.connect import connect
 from pggeolearn.db.errors import db_errors, first_line, translate
 from pggeolearn.db import usersql
@@ -598,10 +598,7 @@ def _num(v: float | None) -> str:
 # ------------------------------------------------------------------------------------------
 # looking at chips: a PNG contact sheet and a QGIS view
 
-SPLIT_RGB = {"train": (46, 160, 67), "val": (31, 120, 180), "test": (255, 127, 0),
-             EXCLUDED: (70, 70, 70), None: (190, 190, 190)}
-CLASS_RGB = [(230, 25, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
-             (70, 240, 240), (240, 50, 230), (210, 245, 60), (0, 128, 128), (170, 110, 40)]
+SPLIT_RGB = palette.SPLIT_RGB  # the colours of QGIS's chip footprints too
 
 
 def _display_rgb(image: bytes | None, size: int) -> np.ndarray:
@@ -655,16 +652,16 @@ def show(conn: psycopg.Connection, dataset: str, out: str | Path, *, n: int = 16
     sheet = Image.new("RGB", (cols * (cell + 2 * pad), nrows * (cell + 2 * pad + caption) + legend),
                       (255, 255, 255))
     draw = ImageDraw.Draw(sheet)
-    palette = np.zeros((256, 4), np.uint8)
+    overlay = np.zeros((256, 4), np.uint8)
     for cid in range(1, 256):
-        palette[cid, :3] = CLASS_RGB[(cid - 1) % len(CLASS_RGB)]
-        palette[cid, 3] = 110
+        overlay[cid, :3] = palette.class_colour(cid)
+        overlay[cid, 3] = 110
     for i, (tile_id, chip_split, image, label, _nodata_frac) in enumerate(rows):
         rgb = _display_rgb(image, ds.recipe.tile_px)
         base = Image.fromarray(rgb).convert("RGBA")
         if label is not None:
             lab = np.asarray(wkb.decode(label).band(0))
-            base = Image.alpha_composite(base, Image.fromarray(palette[lab], "RGBA"))
+            base = Image.alpha_composite(base, Image.fromarray(overlay[lab], "RGBA"))
         thumb = base.convert("RGB").resize((cell, cell), Image.NEAREST)
         x = (i % cols) * (cell + 2 * pad)
         y = (i // cols) * (cell + 2 * pad + caption)
@@ -680,7 +677,7 @@ def show(conn: psycopg.Connection, dataset: str, out: str | Path, *, n: int = 16
         draw.text((x + 14, ly), name, fill=(0, 0, 0))
         x += 18 + 7 * len(name)
     for cid, name in ds.recipe.classes.items():
-        draw.rectangle([x, ly, x + 10, ly + 10], fill=CLASS_RGB[(cid - 1) % len(CLASS_RGB)])
+        draw.rectangle([x, ly, x + 10, ly + 10], fill=palette.class_colour(cid))
         draw.text((x + 14, ly), f"{cid} {name}", fill=(0, 0, 0))
         x += 32 + 7 * len(name)
     out = Path(out)

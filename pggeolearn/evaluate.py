@@ -34,7 +34,7 @@ from psycopg import sql
 from psycopg.types.json import Jsonb
 from tqdm import tqdm
 
-from pggeolearn import errors, wkb
+from pggeolearn import errors, palette, wkb
 from pggeolearn.db.connect import connect
 from pggeolearn.db.errors import db_errors, translate
 from pggeolearn.db.names import split_table
@@ -46,8 +46,7 @@ from pggeolearn.training import metrics
 __all__ = ["EvalReport", "TileScore", "evaluate"]
 
 IGNORE = 255  # truth value of pixels left out of the metrics
-MIOU_RANGES = [(0.0, 0.25, "0 - 0.25", (215, 25, 28)), (0.25, 0.5, "0.25 - 0.5", (253, 174, 97)),
-               (0.5, 0.75, "0.5 - 0.75", (166, 217, 106)), (0.75, 1.0, "0.75 - 1", (26, 150, 65))]
+MIOU_RANGES = list(palette.IOU_RANGES)
 
 
 @dataclass(order=True)
@@ -147,8 +146,8 @@ def _write_png(path: Path, worst: list[tuple[TileScore, np.ndarray, np.ndarray, 
     pal = publish.palette({int(c): "" for c in class_ids})
     colours = np.zeros((256, 3), np.uint8)
     for k, cid in enumerate(class_ids):
-        colours[k] = (60, 60, 60) if cid == 0 else pal[int(cid)]
-    colours[IGNORE] = (255, 255, 255)
+        colours[k] = palette.BACKGROUND_PNG if cid == 0 else pal[int(cid)]
+    colours[IGNORE] = palette.IGNORE_RGB
     size = min(tile_px, 256)
     pad, caption = 6, 16
     width = 3 * size + 4 * pad
@@ -243,6 +242,9 @@ def evaluate(dsn_or_conn: psycopg.Connection | str | None, model: str | Predicto
             if isinstance(exc, psycopg.Error):
                 raise translate(exc, f"evaluate run {run_id}") from exc
             raise
+        from pggeolearn.qgis.project import refresh_after
+
+        report.notes += refresh_after(control, model_name, dataset)  # the dataset's QGIS project
     return report
 
 

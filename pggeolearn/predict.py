@@ -1224,6 +1224,9 @@ def predict(dsn_or_conn: psycopg.Connection | str | None, model: str | Predictor
             if isinstance(exc, psycopg.Error):
                 raise translate(exc, f"predict run {run_id}") from exc
             raise
+        from pggeolearn.qgis.project import refresh_after
+
+        report.notes += refresh_after(control, model_name, dataset)  # the dataset's QGIS project
     return report
 
 

@@ -4,9 +4,10 @@ speed and look, without anyone touching a dialog.
 * **Raster tables** (:func:`publish_raster`): a GiST index on ``ST_ConvexHull(rast)``,
   ``AddRasterConstraints`` (the table appears in ``raster_columns`` with its SRID, pixel size,
   block size, bands, pixel types, NODATA and extent: QGIS's PostgreSQL browser and GDAL's
-  PostGISRaster driver list it from there without scanning), overview tables built with
-  ``ST_CreateOverview`` (factors 2 and 4 by default, registered in ``raster_overviews``, so a
-  zoomed-out QGIS view reads a quarter or a sixteenth of the pixels) and ``ANALYZE``.
+  PostGISRaster driver list it from there without scanning), overview tables (factors 2 and 4
+  by default, registered in ``raster_overviews``, so a zoomed-out QGIS view reads a quarter or
+  a sixteenth of the pixels; built by :mod:`pggeolearn.qgis.overviews`, not
+  ``ST_CreateOverview``, whose tiles GDAL and QGIS cannot read) and ``ANALYZE``.
 * **Vector tables** (:func:`publish_vector`): the geometry column must carry a type modifier
   (``geometry(MultiPolygon, 3857)``: QGIS then knows type and CRS without a full scan); a GiST
   index and ``ANALYZE``.
@@ -35,26 +36,22 @@ import psycopg
 from psycopg import sql
 
 from pggeolearn import errors
+from pggeolearn import palette as _palette
 from pggeolearn.db.errors import db_errors
 from pggeolearn.db.names import split_table
 from pggeolearn.importers._common import index_name
+from pggeolearn.palette import RGB
+from pggeolearn.qgis import overviews as overviews_mod
 from pggeolearn.resources import sql_text
 
 __all__ = [
     "RasterInfo", "categorized_qml", "class_raster_qml", "drop_overviews", "ensure_layer_styles",
     "gdal_connstring", "graduated_qml", "gray_raster_qml", "palette", "publish_raster",
-    "publish_vector", "save_style",
+    "publish_vector", "save_style", "single_symbol_qml",
 ]
 
 QGIS_VERSION = "3.28.0"  # the QML dialect written here; newer QGIS versions read it
 DOCTYPE = "<!DOCTYPE qgis PUBLIC 'http://mrcc.com/qgis.dtd' 'SYSTEM'>"
-# Qualitative colours (ColorBrewer Set1 + Dark2), class 1 first; background is transparent.
-_COLOURS = [
-    (228, 26, 28), (55, 126, 184), (77, 175, 74), (152, 78, 163), (255, 127, 0), (255, 255, 51),
-    (166, 86, 40), (247, 129, 191), (27, 158, 119), (217, 95, 2), (117, 112, 179), (231, 41, 138),
-    (102, 166, 30), (230, 171, 2), (153, 153, 153),
-]
-RGB = tuple[int, int, int]
 
 
 # ------------------------------------------------------------------------------------------
@@ -62,15 +59,9 @@ RGB = tuple[int, int, int]
 
 
 def palette(classes: dict[int, str] | Sequence[int]) -> dict[int, RGB]:
-    """A stable colour per class id (0, background, is black; its alpha is set by the style)."""
-    out: dict[int, RGB] = {}
-    for cid in sorted(classes):
-        out[int(cid)] = (0, 0, 0) if cid == 0 else _COLOURS[(int(cid) - 1) % len(_COLOURS)]
-    return out
-
-
-def _hex(rgb: RGB) -> str:
-    return "#{:02x}{:02x}{:02x}".format(*rgb)
+    """A stable colour per class id, :mod:`pggeolearn.palette`'s (0, background, is black; its
+    alpha is set by the style)."""
+    return _palette.palette(classes)
 
 
 def _qgis_root() -> ET.Element:
@@ -118,7 +109,7 @@ def class_raster_qml(classes: dict[int, str], colours: dict[int, RGB] | None = N
     pal = ET.SubElement(rr, "colorPalette")
     for cid in sorted(classes):
         alpha = background_alpha if cid == 0 else 255
-        ET.SubElement(pal, "paletteEntry", {"value": str(cid), "color": _hex(colours[cid]),
+        ET.SubElement(pal, "paletteEntry", {"value": str(cid), "color": _palette.hex_colour(colours[cid]),
                                             "alpha": str(alpha), "label": str(classes[cid])})
     return _document(root)
 
@@ -144,11 +135,14 @@ def _option_map(parent: ET.Element, props: dict[str, str]) -> None:
         ET.SubElement(parent, "prop", {"k": k, "v": v})
 
 
-def _fill_symbol(symbols: ET.Element, name: str, rgb: RGB, *, fill_alpha: int = 110) -> None:
-    sym = ET.SubElement(symbols, "symbol", {"type": "fill", "name": name, "alpha": "1",
+def _symbol_layer(symbols: ET.Element, name: str, kind: str, cls: str) -> ET.Element:
+    sym = ET.SubElement(symbols, "symbol", {"type": kind, "name": name, "alpha": "1",
                                             "clip_to_extent": "1", "force_rhr": "0"})
-    layer = ET.SubElement(sym, "layer", {"class": "SimpleFill", "enabled": "1", "locked": "0",
-                                         "pass": "0"})
+    return ET.SubElement(sym, "layer", {"class": cls, "enabled": "1", "locked": "0", "pass": "0"})
+
+
+def _fill_symbol(symbols: ET.Element, name: str, rgb: RGB, *, fill_alpha: int = 110) -> None:
+    layer = _symbol_layer(symbols, name, "fill", "SimpleFill")
     r, g, b = rgb
     _option_map(layer, {
         "border_width_map_unit_scale": "3x:0,0,0,0,0,0", "color": f"{r},{g},{b},{fill_alpha}",
@@ -166,17 +160,40 @@ def _vector_root(renderer: dict[str, str]) -> tuple[ET.Element, ET.Element]:
     return root, rend
 
 
-def _vector_tail(root: ET.Element, rend: ET.Element) -> str:
+def _line_symbol(symbols: ET.Element, name: str, rgb: RGB, *, width: float = 0.5) -> None:
+    layer = _symbol_layer(symbols, name, "line", "SimpleLine")
+    r, g, b = rgb
+    _option_map(layer, {"line_color": f"{r},{g},{b},255", "line_style": "solid",
+                        "line_width": str(width), "line_width_unit": "MM", "capstyle": "round",
+                        "joinstyle": "round", "offset": "0", "offset_unit": "MM"})
+
+
+def single_symbol_qml(rgb: RGB, *, geometry: str = "polygon", fill_alpha: int = 0) -> str:
+    """QML of one symbol for every feature: outlined polygons (``fill_alpha`` 0: hollow) or
+    lines (``geometry='line'``), e.g. the label sources of a dataset."""
+    root, rend = _vector_root({"type": "singleSymbol"})
+    symbols = ET.SubElement(rend, "symbols")
+    if geometry == "line":
+        _line_symbol(symbols, "0", rgb)
+    else:
+        _fill_symbol(symbols, "0", rgb, fill_alpha=fill_alpha)
+    return _vector_tail(root, rend, geometry)
+
+
+_GEOMETRY_TYPES = {"point": "0", "line": "1", "polygon": "2"}
+
+
+def _vector_tail(root: ET.Element, rend: ET.Element, geometry: str = "polygon") -> str:
     ET.SubElement(rend, "rotation")
     ET.SubElement(rend, "sizescale")
     ET.SubElement(root, "blendMode").text = "0"
     ET.SubElement(root, "featureBlendMode").text = "0"
     ET.SubElement(root, "layerOpacity").text = "1"
-    ET.SubElement(root, "layerGeometryType").text = "2"  # polygon
+    ET.SubElement(root, "layerGeometryType").text = _GEOMETRY_TYPES[geometry]
     return _document(root)
 
 
-def categorized_qml(attr: str, categories: Sequence[tuple[Any, str, RGB]]) -> str:
+def categorized_qml(attr: str, categories: Sequence[tuple[Any, str, RGB]], *, fill_alpha: int = 110) -> str:
     """QML of a categorized polygon renderer: ``(value, label, colour)`` per category."""
     root, rend = _vector_root({"type": "categorizedSymbol", "attr": attr})
     cats = ET.SubElement(rend, "categories")
@@ -184,7 +201,7 @@ def categorized_qml(attr: str, categories: Sequence[tuple[Any, str, RGB]]) -> st
     for i, (value, label, rgb) in enumerate(categories):
         ET.SubElement(cats, "category", {"render": "true", "symbol": str(i), "value": str(value),
                                          "label": str(label)})
-        _fill_symbol(symbols, str(i), rgb)
+        _fill_symbol(symbols, str(i), rgb, fill_alpha=fill_alpha)
     return _vector_tail(root, rend)
 
 
@@ -271,7 +288,8 @@ def publish_raster(conn: psycopg.Connection, table: str, *, column: str = "rast"
     """Index, constrain, build overviews for and analyze a raster table (see module docstring).
 
     Existing constraints and overview tables are replaced, so it can run again after rows were
-    added. ``overview_algorithm``: NearestNeighbour for classes, Bilinear for continuous values.
+    added. ``overview_algorithm``: ``nearest`` (or ``NearestNeighbour``) for classes,
+    ``average`` (or ``Bilinear``) for continuous values.
     """
     schema, name = split_table(table)
     ident = sql.Identifier(schema, name)
@@ -284,11 +302,10 @@ def publish_raster(conn: psycopg.Connection, table: str, *, column: str = "rast"
                      [schema, name, column])
         conn.execute(sql_text("raster_constraints"),
                      {"schema": schema, "table": name, "column": column})
-        made = []
-        for factor in overviews:
-            ov = conn.execute("SELECT ST_CreateOverview(%s::regclass, %s::name, %s::integer, %s::text)::text",
-                              [ident.as_string(conn), column, int(factor), overview_algorithm]).fetchone()[0]
-            made.append(ov)
+        grid = overviews_mod.base_grid(conn, f"{schema}.{name}", column) if overviews else None
+        made = [overviews_mod.build_overview(conn, f"{schema}.{name}", int(f), column=column,
+                                             method=overview_algorithm, grid=grid)[0]
+                for f in overviews]
         conn.execute(sql.SQL("ANALYZE {}").format(ident))
         row = conn.execute(
             "SELECT srid, scale_x, scale_y, blocksize_x, blocksize_y, num_bands, pixel_types,"

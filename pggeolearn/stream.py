@@ -1147,17 +1147,16 @@ class _Run:
 # show-batch: one batch as a picture
 
 
-PALETTE = (
-    (230, 25, 75), (0, 130, 200), (255, 225, 25), (60, 180, 75), (245, 130, 48),
-    (145, 30, 180), (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212),
-)  # fmt: skip  # class 1, 2, ...: red, blue, yellow first (they stand out on vegetation)
 MIN_CELL_PX = 128
 GAP_PX = 4
 
 
 def class_colour(class_id: int) -> tuple[int, int, int]:
-    """The overlay colour of a class id (1-based; 0 is background and not drawn)."""
-    return PALETTE[(int(class_id) - 1) % len(PALETTE)]
+    """The overlay colour of a class id (1-based; 0 is background and not drawn): the one
+    QGIS styles use too (:mod:`pggeolearn.palette`)."""
+    from pggeolearn.palette import class_colour as colour
+
+    return colour(class_id)
 
 
 def _to_rgb(image: np.ndarray) -> np.ndarray:

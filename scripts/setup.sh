@@ -6,6 +6,10 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${PGGEOLEARN_VENV:-$ROOT/.venv}"
 APT_PACKAGES=(postgresql-15 postgresql-15-postgis-3 postgis gdal-bin osm2pgsql)
+# Only for the tests (scripts/test.sh sets PGGEOLEARN_TEST_DEPS=1): headless QGIS, whose Python
+# bindings run under Debian's /usr/bin/python3 (tests/qgis/ opens every output with it).
+TEST_APT_PACKAGES=(python3-qgis qgis-providers)
+if [ "${PGGEOLEARN_TEST_DEPS:-0}" = 1 ]; then APT_PACKAGES+=("${TEST_APT_PACKAGES[@]}"); fi
 
 missing=()
 for p in "${APT_PACKAGES[@]}"; do

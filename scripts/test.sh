@@ -3,7 +3,7 @@
 # PostgreSQL + PostGIS (the embedded cluster in a temp dir, or PGGEOLEARN_TEST_DSN).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-source "$ROOT/scripts/setup.sh"
+PGGEOLEARN_TEST_DEPS=1 source "$ROOT/scripts/setup.sh"
 cd "$ROOT"
 # The installed wheel is what is tested (pytest, not python -m pytest, keeps the source tree
 # off sys.path), so sql/ and migrations/ must ship inside it.

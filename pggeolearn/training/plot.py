@@ -11,13 +11,12 @@ from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont
 
-from pggeolearn import errors
+from pggeolearn import errors, palette
 
 PANEL = (560, 400)
 MARGIN = (64, 24, 20, 52)  # left, top, right, bottom (inside a panel)
 BG, AXIS, GRID, TEXT = (255, 255, 255), (40, 40, 40), (225, 225, 225), (20, 20, 20)
-COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
-           (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
+COLOURS = palette.LINE_RGB  # loss: train, val; per-class IoU lines take the class colours
 BASELINE = (120, 120, 120)
 
 
@@ -156,7 +155,7 @@ def plot_history(history: Sequence[dict[str, Any]], out: str | Path, *, classes:
     q.line([h["val"].get("miou") for h in history], AXIS, width=3)
     items.insert(0, ("mIoU", AXIS))
     for i, k in enumerate(sorted(classes)):
-        colour = COLOURS[(i + 2) % len(COLOURS)]
+        colour = palette.BACKGROUND_PNG if k == 0 else palette.class_colour(k)
         q.line([h["val"]["iou"][i] if i < len(h["val"]["iou"]) else None for h in history], colour, width=1)
         items.append((f"IoU {classes[k]}", colour))
     q.legend(items, corner="bottom")

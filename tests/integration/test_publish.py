@@ -111,7 +111,7 @@ def test_qgis_finds_the_default_styles(outputs):
     assert rend.get("type") == "categorizedSymbol" and rend.get("attr") == "class_id"
     assert [(c.get("value"), c.get("label")) for c in rend.iter("category")] == [("1", "building")]
     fill = {o.get("name"): o.get("value") for o in rend.iter("Option") if o.get("name")}
-    assert fill["color"].startswith("228,26,28,") and fill["outline_color"] == "228,26,28,255"
+    assert fill["color"].startswith("230,25,75,") and fill["outline_color"] == "230,25,75,255"
 
     name, qml = conn.execute(QGIS_RASTER_STYLE, [db, "public", "pred_prob", "raster", "rast"]).fetchone()
     assert ET.fromstring(qml.split("\n", 1)[1]).find("pipe/rasterrenderer").get("grayBand") == "2"
@@ -149,4 +149,4 @@ def test_graduated_and_palette():
                                                         (0.5, 1, "high", (0, 255, 0))]).split("\n", 1)[1])
     ranges = [(r.get("lower"), r.get("upper"), r.get("label")) for r in root.iter("range")]
     assert ranges == [("0.000000", "0.500000", "low"), ("0.500000", "1.000000", "high")]
-    assert publish.palette({0: "bg", 1: "a", 2: "b"}) == {0: (0, 0, 0), 1: (228, 26, 28), 2: (55, 126, 184)}
+    assert publish.palette({0: "bg", 1: "a", 2: "b"}) == {0: (0, 0, 0), 1: (230, 25, 75), 2: (0, 130, 200)}
