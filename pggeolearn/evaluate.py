@@ -34,10 +34,9 @@ from psycopg import sql
 from psycopg.types.json import Jsonb
 from tqdm import tqdm
 
-from pggeolearn import errors, wkb
+from pggeolearn import errors, outputs, wkb
 from pggeolearn.db.connect import connect
 from pggeolearn.db.errors import db_errors, translate
-from pggeolearn.db.names import split_table
 from pggeolearn.db.schema import require_schema
 from pggeolearn.predict import Predictor, _call_model, _class_ids, _dsn_of, _relkind, load_model
 from pggeolearn.resources import sql_text
@@ -179,11 +178,12 @@ def _write_png(path: Path, worst: list[tuple[TileScore, np.ndarray, np.ndarray, 
 
 def evaluate(dsn_or_conn: psycopg.Connection | str | None, model: str | Predictor, *, dataset: str,
              split: str = "test", out_layer: str | None = None, png: str | Path | None = None,
-             n_worst: int = 8, batch_size: int = 8, overwrite: bool = False,
+             n_worst: int = 8, batch_size: int = 8, overwrite: bool = False, force: bool = False,
              device: str | None = None, progress: bool = True) -> EvalReport:
     """Score ``model`` on the chips of ``dataset``'s ``split`` (see the module docstring).
 
-    ``out_layer``: a table name for the per-tile layer (AlreadyExists unless ``overwrite``);
+    ``out_layer``: a table name for the per-tile layer (AlreadyExists unless ``overwrite``; only
+    pggeolearn's own tables are replaced unless ``force``, see :mod:`pggeolearn.outputs`);
     ``png``: where to draw the ``n_worst`` tiles with the lowest mIoU.
     """
     from pggeolearn import datasets, publish
@@ -193,9 +193,13 @@ def evaluate(dsn_or_conn: psycopg.Connection | str | None, model: str | Predicto
         raise errors.ConfigError(f"batch size must be 1..4096, not {batch_size}")
     if not 0 <= n_worst <= 256:
         raise errors.ConfigError(f"worst tiles must be 0..256, not {n_worst}")
+    layer = outputs.Output.parse(out_layer, what="--out-layer") if out_layer else None
     dsn = _dsn_of(dsn_or_conn)
     with connect(dsn, autocommit=True, application_name="pggeolearn evaluate") as control:
         require_schema(control)
+        outputs.check(control, [layer] if layer else [], overwrite=overwrite, force=force,
+                      can_append=False)
+        layer = layer.table.parts if layer else None
         p = load_model(control, model, device=device)
         model_name = model if isinstance(model, str) else str(p.name)
         ds = datasets.get(control, dataset)
@@ -210,12 +214,6 @@ def evaluate(dsn_or_conn: psycopg.Connection | str | None, model: str | Predicto
         unknown = sorted(set(r.classes) - set(p.classes))
         if unknown:
             notes.append(f"label classes {unknown} are not classes of the model: their pixels are left out")
-        layer = None
-        if out_layer:
-            layer = split_table(out_layer)
-            if _relkind(control, *layer) is not None and not overwrite:
-                raise errors.AlreadyExists(f"table {layer[0]}.{layer[1]} already exists: pass --overwrite "
-                                           "to replace it")
         with db_errors(f"chips of {dataset}"):
             n = control.execute("SELECT count(*) FROM pggeolearn.chips WHERE dataset = %s AND split = %s"
                                 " AND image IS NOT NULL", [dataset, split]).fetchone()[0]

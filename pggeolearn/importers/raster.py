@@ -340,6 +340,7 @@ def import_raster(
     overwrite: bool = False,
     append: bool = False,
     progress: bool = True,
+    force: bool = False,
 ) -> ImportReport:
     """Load raster files (globs allowed) into ``table`` as ``tile_size``² tiles.
 
@@ -371,7 +372,7 @@ def import_raster(
 
     with db_errors(f"import into {display}"), conn.transaction():
         appending = _common.prepare_target(conn, schema, name, ident, display,
-                                           overwrite=overwrite, append=append)
+                                           overwrite=overwrite, append=append, force=force)
         existing = _probe(conn, ident) if appending else None
         if existing is not None:
             ulx, uly, sx, sy, kx, ky, table_srid, table_types = existing
@@ -410,6 +411,7 @@ def import_raster(
             ).format(ident))
             conn.execute(sql.SQL("ALTER TABLE {} ALTER COLUMN rast SET STORAGE {}").format(
                 ident, sql.SQL(_STORAGE)))
+            _common.mark(conn, schema, name, "import raster")
         else:  # constraints (extent above all) would reject the new tiles
             conn.execute("SELECT DropRasterConstraints(%s::name, %s::name, 'rast'::name)",
                          [schema, name])

@@ -363,6 +363,7 @@ def import_vector(
     overwrite: bool = False,
     append: bool = False,
     progress: bool = True,
+    force: bool = False,
 ) -> VectorImportReport:
     """Load a GeoJSON file into ``table`` (see the module docstring for the table's shape).
 
@@ -393,7 +394,7 @@ def import_vector(
 
     with db_errors(f"import into {display}"), conn.transaction():
         appending = _common.prepare_target(conn, schema, name, ident, display,
-                                           overwrite=overwrite, append=append)
+                                           overwrite=overwrite, append=append, force=force)
         out_srid = srid or src_srid
         if appending:
             existing, ttype, tsrid, dim = _existing(conn, schema, name, display, geom_column)
@@ -416,6 +417,7 @@ def import_vector(
         if not appending:
             conn.execute(sql.SQL("CREATE TABLE {} (id bigserial PRIMARY KEY, {}, {} {})").format(
                 ident, sql.SQL(", ").join(defs), sql.Identifier(geom_column), typmod))
+            _common.mark(conn, schema, name, "import vector")
         else:
             for c in cols + [_Column("properties", "properties", "jsonb")]:
                 if c.name not in existing:
