@@ -31,10 +31,9 @@ from typing import Any
 import numpy as np
 import psycopg
 from psycopg import sql
-from psycopg.types.json import Jsonb
 from tqdm import tqdm
 
-from pggeolearn import errors, outputs, wkb
+from pggeolearn import errors, outputs, runs, wkb
 from pggeolearn.db.connect import connect
 from pggeolearn.db.errors import db_errors, translate
 from pggeolearn.db.schema import require_schema
@@ -222,25 +221,19 @@ def evaluate(dsn_or_conn: psycopg.Connection | str | None, model: str | Predicto
                                   "(pggeolearn chips build / chips split)")
         params = {"dataset": dataset, "split": split, "out_layer": out_layer,
                   "png": str(png) if png else None, "batch_size": batch_size}
-        with db_errors("pggeolearn.runs"):
-            run_id = control.execute(
-                "INSERT INTO pggeolearn.runs (kind, model, dataset, params, status) VALUES "
-                "('evaluate', %s, %s, %s, 'running') RETURNING run_id",
-                [model_name, dataset, Jsonb(params)]).fetchone()[0]
+        run = runs.Run.start(dsn, "evaluate", model=model_name, dataset=dataset, params=params)
+        run_id = run.run_id
         try:
             report = _run(dsn, p, model_name, ds, split, n, run_id, layer=layer, png=png,
                           n_worst=n_worst, batch_size=batch_size, progress=progress, notes=notes,
                           publish=publish, started=started)
         except BaseException as exc:
-            msg = "interrupted" if isinstance(exc, KeyboardInterrupt) else (str(exc) or type(exc).__name__)
-            try:
-                control.execute("UPDATE pggeolearn.runs SET status = 'failed', error = %s, "
-                                "finished_at = now() WHERE run_id = %s", [msg.splitlines()[0], run_id])
-            except psycopg.Error:
-                pass
+            run.fail("interrupted" if isinstance(exc, KeyboardInterrupt) else (str(exc) or type(exc).__name__))
             if isinstance(exc, psycopg.Error):
                 raise translate(exc, f"evaluate run {run_id}") from exc
             raise
+        finally:
+            run.close()
     return report
 
 
@@ -320,8 +313,7 @@ def _run(dsn, p: Predictor, model_name: str, ds, split: str, n: int, run_id: int
                    "tiles": report.tiles, "out_layer": report.out_layer,
                    "png": str(report.png) if report.png else None,
                    "worst": [t.tile_id for t in report.worst], "seconds": round(report.seconds, 3)}
-        w.execute("UPDATE pggeolearn.runs SET status = 'done', outputs = %s, finished_at = now() "
-                  "WHERE run_id = %s", [Jsonb(outputs), run_id])
+        runs.finish(w, run_id, outputs)
     return report
 
 

@@ -79,10 +79,9 @@ import numpy as np
 import psycopg
 from psycopg import errors as pge
 from psycopg import sql
-from psycopg.types.json import Jsonb
 from tqdm import tqdm
 
-from pggeolearn import errors, outputs, wkb
+from pggeolearn import errors, outputs, runs, wkb
 from pggeolearn.db.connect import connect
 from pggeolearn.db.errors import db_errors, first_line, translate
 from pggeolearn.db.readonly import read_only
@@ -1197,11 +1196,9 @@ def predict(dsn_or_conn: psycopg.Connection | str | None, model: str | Predictor
                   "batch_size": batch_size, "overwrite": overwrite, "append": append,
                   "framework": str(getattr(p, "framework", "")), "window": int(p.tile_px)}
         g = plan.grid
-        with db_errors("pggeolearn.runs"):
-            run_id = control.execute(
-                "INSERT INTO pggeolearn.runs (kind, model, dataset, params, extent, status) VALUES "
-                "('predict', %s, %s, %s, ST_MakeEnvelope(%s, %s, %s, %s, %s::integer), 'running') "
-                "RETURNING run_id", [model_name, dataset, Jsonb(params), *g.bounds, g.srid]).fetchone()[0]
+        run = runs.Run.start(dsn, "predict", model=model_name, dataset=dataset, params=params,
+                             extent=g.bounds, srid=g.srid)
+        run_id = run.run_id
         report = PredictReport(run_id, model_name, names.show(names.out), names.show(names.prob),
                                names.show(names.polygons), g, int(p.tile_px), overlap, stitch, tile_px,
                                notes=list(plan.notes))
@@ -1211,15 +1208,13 @@ def predict(dsn_or_conn: psycopg.Connection | str | None, model: str | Predictor
                      append=append,
                      overviews=overviews, timeout_s=timeout_s, progress=progress, started=started)
         except BaseException as exc:
-            msg = "interrupted" if isinstance(exc, KeyboardInterrupt) else (str(exc) or type(exc).__name__)
-            try:
-                control.execute("UPDATE pggeolearn.runs SET status = 'failed', error = %s, "
-                                "finished_at = now() WHERE run_id = %s", [msg.splitlines()[0], run_id])
-            except psycopg.Error:
-                pass  # the database is gone: the run stays 'running'; the tables were rolled back
+            # the database gone: the next command marks the run failed; the tables were rolled back
+            run.fail("interrupted" if isinstance(exc, KeyboardInterrupt) else (str(exc) or type(exc).__name__))
             if isinstance(exc, psycopg.Error):
                 raise translate(exc, f"predict run {run_id}") from exc
             raise
+        finally:
+            run.close()
     return report
 
 
@@ -1309,8 +1304,7 @@ def _execute(dsn: str | None, plan: _Plan, names: _Names, report: PredictReport,
                              "write": writer.write_s, "vectorize": writer.vector_s,
                              "finalize": finalize_s}
             report.seconds = time.perf_counter() - started
-            w.execute("UPDATE pggeolearn.runs SET status = 'done', outputs = %s, finished_at = now(), "
-                      "error = NULL WHERE run_id = %s", [Jsonb(report.outputs()), report.run_id])
+            runs.finish(w, report.run_id, report.outputs())
 
 
 def _call_model(p: Predictor, x: np.ndarray, n_classes: int) -> np.ndarray:
