@@ -215,6 +215,7 @@ class TrainOptions:
     time_limit_min: float | None = None
     overwrite: bool = False
     resume: bool = False
+    force: bool = False  # resume onto another dataset or recipe all the same
     plot: str | Path | None = None
     progress: bool = True
     on_epoch: Callable[[dict[str, Any]], None] | None = None  # called after every epoch
@@ -495,7 +496,7 @@ class _Training:
                                       "(train it without --resume first)")
             self.resumed_run, blob = found
             meta, weights, optimizer, best = unpack_checkpoint(blob)
-            self._check_resume(meta)
+            self._check_resume(meta, force=opts.force)
             self.state, self.blobs = meta, (weights, optimizer, best)
             stored = meta["options"]
         self.opts = opts.resolved(stored)
@@ -533,7 +534,7 @@ class _Training:
             raise errors.ConfigError(f"--batch-size {o.batch_size} is smaller than the {ndev} devices "
                                      "it is split over: use at least one chip per device")
 
-    def _check_resume(self, meta: dict[str, Any]) -> None:
+    def _check_resume(self, meta: dict[str, Any], *, force: bool = False) -> None:
         if meta.get("format") != CHECKPOINT_FORMAT:
             raise errors.ConfigError(f"checkpoint of {self.name} has an unknown format {meta.get('format')!r}")
         mine = {str(k): v for k, v in self.classes.items()}
@@ -547,9 +548,15 @@ class _Training:
         if meta["tile_px"] != self.ds.recipe.tile_px:
             self.notes.append(f"the checkpoint was trained on {meta['tile_px']}px tiles, "
                               f"these are {self.ds.recipe.tile_px}px")
-        if meta.get("recipe_hash") != self.ds.recipe_hash:
-            self.notes.append(f"dataset {self.ds.name}'s recipe changed since the checkpoint "
-                              f"({meta.get('recipe_hash')} -> {self.ds.recipe_hash})")
+        was = (meta.get("dataset"), meta.get("recipe_hash"))
+        if was != (self.ds.name, self.ds.recipe_hash):
+            what = (f"dataset {was[0]}" if was[0] != self.ds.name else
+                    f"dataset {self.ds.name} with another recipe ({str(was[1])[:12]} -> {self.ds.recipe_hash[:12]})")
+            if not force:
+                raise errors.ConfigError(
+                    f"cannot resume {self.name} on dataset {self.ds.name}: its checkpoint was trained on "
+                    f"{what} (pass --force to continue training on this data anyway)")
+            self.notes.append(f"resumed with --force on other data: the checkpoint was trained on {what}")
 
     # -- the epochs ------------------------------------------------------------------------------
     def run(self) -> TrainReport:
