@@ -4,16 +4,27 @@ A database restart takes seconds to a minute; a few quick retries all fall insid
 :class:`Window` spaces attempts with exponential backoff (0.1 s doubling, at most 5 s apart)
 until ``window_s`` seconds have passed since the connection was first lost, then gives up.
 The default window is 60 s; ``PGGEOLEARN_RECONNECT_S`` changes it for every command.
+
+:func:`connect` opens a connection the same way: to a server this process has reached before,
+a refused connection is a server restarting (retried over the window); to one it never reached,
+it is a wrong DSN or a stopped server (one line at once).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import time
+from typing import Any
+
+import psycopg
 
 from pggeolearn import errors
 
-__all__ = ["DEFAULT_WINDOW_S", "ENV", "Window", "default_window"]
+__all__ = ["DEFAULT_WINDOW_S", "ENV", "Window", "connect", "default_window"]
+
+log = logging.getLogger(__name__)
+_reached: set[str] = set()  # DSNs this process has connected to: failing later means "lost"
 
 DEFAULT_WINDOW_S = 60.0
 ENV = "PGGEOLEARN_RECONNECT_S"
@@ -69,3 +80,28 @@ class Window:
     def describe(self) -> str:
         waited = time.monotonic() - self.since if self.since is not None else 0.0
         return f"{self.attempts} attempts in {waited:.0f} s (window {self.window_s:g} s, {ENV})"
+
+
+def connect(dsn: str | None, *, window_s: float | None = None, max_attempts: int | None = None,
+            **kwargs: Any) -> psycopg.Connection:
+    """:func:`pggeolearn.db.connect.connect`, retried over a :class:`Window` when this process
+    reached the server before (see the module docstring)."""
+    from pggeolearn.db.connect import connect as db_connect
+
+    key = dsn or ""
+    window: Window | None = None
+    while True:
+        try:
+            conn = db_connect(dsn, **kwargs)
+        except errors.DatabaseError as exc:
+            if key not in _reached:
+                raise
+            window = window or Window(window_s, max_attempts)
+            delay = window.next_delay()
+            if delay is None:
+                raise errors.ConnectionLost(f"{exc} (could not reconnect: {window.describe()})") from exc
+            log.warning("%s; retrying in %.1f s", exc, delay)
+            time.sleep(delay)
+            continue
+        _reached.add(key)
+        return conn

@@ -27,7 +27,6 @@ from psycopg import errors as pge
 from psycopg.types.json import Jsonb
 
 from pggeolearn import errors, retry
-from pggeolearn.db.connect import connect
 from pggeolearn.db.errors import db_errors, first_line, translate
 from pggeolearn.resources import sql_text
 
@@ -114,7 +113,7 @@ class Run:
         """Record a new running run (after reaping the dead ones). ``extent``: (minx, miny, maxx,
         maxy) in ``srid``. A ``train`` run of a model that another live process is training is
         an :class:`~pggeolearn.errors.AlreadyExists`."""
-        conn = connect(dsn, autocommit=True, application_name=f"pggeolearn {kind} run"[:63])
+        conn = retry.connect(dsn, autocommit=True, application_name=f"pggeolearn {kind} run"[:63])
         try:
             reap(conn, f"pggeolearn {kind}")
             minx, miny, maxx, maxy = extent if extent is not None else (None,) * 4
@@ -172,7 +171,8 @@ class Run:
                       [line, Jsonb(outputs) if outputs is not None else None, self.run_id])
 
         try:
-            self._write(write, f"recording the failure of run {self.run_id}", window_s=FAIL_WINDOW_S)
+            self._write(write, f"recording the failure of run {self.run_id}",
+                        window_s=min(FAIL_WINDOW_S, retry.Window(self.window_s).window_s))
         except errors.PggeolearnError:
             return False
         finally:
@@ -233,7 +233,8 @@ class Run:
                 pass
 
     def _reconnect(self) -> psycopg.Connection:
-        conn = connect(self.dsn, autocommit=True, application_name=f"pggeolearn {self.kind} run"[:63])
+        conn = retry.connect(self.dsn, window_s=0, autocommit=True,
+                             application_name=f"pggeolearn {self.kind} run"[:63])
         try:
             conn.execute("SELECT pg_advisory_lock(%s::integer, %s::integer)", _key(self.run_id))
         except BaseException:

@@ -383,7 +383,8 @@ class GeoStream:
         kwargs: dict[str, Any] = {"application_name": self.application_name}
         if self.timeout_s:
             kwargs["options"] = f"-c statement_timeout={int(self.timeout_s * 1000)}"
-        with connect(self.dsn, autocommit=True, **kwargs) as conn:
+        with retry.connect(self.dsn, window_s=self.reconnect_window_s, max_attempts=self.max_reconnects,
+                           autocommit=True, **kwargs) as conn:  # a restart between epochs: wait
             ds = datasets.get(conn, self.dataset_name)
             self.dataset = ds
             r = ds.recipe
