@@ -23,6 +23,7 @@ from sqlalchemy import (
     Table,
     Text,
     func,
+    text,
 )
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 
@@ -110,8 +111,12 @@ runs = Table(
     Column("started_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     Column("finished_at", DateTime(timezone=True)),
     Column("checkpoint", LargeBinary),  # 0002: resumable state of a training run
+    Column("heartbeat_at", DateTime(timezone=True)),  # 0003: the run's process was alive then
     CheckConstraint("status IN ('running', 'done', 'failed')", name="runs_status_valid"),
 )
+# 0003: a running training run reserves its model name (pggeolearn.runs is written by runs.py only)
+Index("runs_one_training_per_model", runs.c.model, unique=True,
+      postgresql_where=text("kind = 'train' AND status = 'running'"))
 
 watches = Table(
     "watches",

@@ -87,9 +87,9 @@ from psycopg.types.json import Jsonb
 from tqdm import tqdm
 
 from pggeolearn import datasets, errors, palette
+from pggeolearn.db import usersql
 from pggeolearn.db.connect import connect
 from pggeolearn.db.errors import db_errors, first_line, translate
-from pggeolearn.db import usersql
 from pggeolearn.resources import sql_text
 from pggeolearn.splits import (
     EXCLUDED,

@@ -31,13 +31,11 @@ from typing import Any
 import numpy as np
 import psycopg
 from psycopg import sql
-from psycopg.types.json import Jsonb
 from tqdm import tqdm
 
-from pggeolearn import errors, palette, wkb
+from pggeolearn import errors, outputs, palette, runs, wkb
 from pggeolearn.db.connect import connect
 from pggeolearn.db.errors import db_errors, translate
-from pggeolearn.db.names import split_table
 from pggeolearn.db.schema import require_schema
 from pggeolearn.predict import Predictor, _call_model, _class_ids, _dsn_of, _relkind, load_model
 from pggeolearn.resources import sql_text
@@ -178,11 +176,12 @@ def _write_png(path: Path, worst: list[tuple[TileScore, np.ndarray, np.ndarray, 
 
 def evaluate(dsn_or_conn: psycopg.Connection | str | None, model: str | Predictor, *, dataset: str,
              split: str = "test", out_layer: str | None = None, png: str | Path | None = None,
-             n_worst: int = 8, batch_size: int = 8, overwrite: bool = False,
+             n_worst: int = 8, batch_size: int = 8, overwrite: bool = False, force: bool = False,
              device: str | None = None, progress: bool = True) -> EvalReport:
     """Score ``model`` on the chips of ``dataset``'s ``split`` (see the module docstring).
 
-    ``out_layer``: a table name for the per-tile layer (AlreadyExists unless ``overwrite``);
+    ``out_layer``: a table name for the per-tile layer (AlreadyExists unless ``overwrite``; only
+    pggeolearn's own tables are replaced unless ``force``, see :mod:`pggeolearn.outputs`);
     ``png``: where to draw the ``n_worst`` tiles with the lowest mIoU.
     """
     from pggeolearn import datasets, publish
@@ -192,9 +191,13 @@ def evaluate(dsn_or_conn: psycopg.Connection | str | None, model: str | Predicto
         raise errors.ConfigError(f"batch size must be 1..4096, not {batch_size}")
     if not 0 <= n_worst <= 256:
         raise errors.ConfigError(f"worst tiles must be 0..256, not {n_worst}")
+    layer = outputs.Output.parse(out_layer, what="--out-layer") if out_layer else None
     dsn = _dsn_of(dsn_or_conn)
     with connect(dsn, autocommit=True, application_name="pggeolearn evaluate") as control:
         require_schema(control)
+        outputs.check(control, [layer] if layer else [], overwrite=overwrite, force=force,
+                      can_append=False)
+        layer = layer.table.parts if layer else None
         p = load_model(control, model, device=device)
         model_name = model if isinstance(model, str) else str(p.name)
         ds = datasets.get(control, dataset)
@@ -209,12 +212,6 @@ def evaluate(dsn_or_conn: psycopg.Connection | str | None, model: str | Predicto
         unknown = sorted(set(r.classes) - set(p.classes))
         if unknown:
             notes.append(f"label classes {unknown} are not classes of the model: their pixels are left out")
-        layer = None
-        if out_layer:
-            layer = split_table(out_layer)
-            if _relkind(control, *layer) is not None and not overwrite:
-                raise errors.AlreadyExists(f"table {layer[0]}.{layer[1]} already exists: pass --overwrite "
-                                           "to replace it")
         with db_errors(f"chips of {dataset}"):
             n = control.execute("SELECT count(*) FROM pggeolearn.chips WHERE dataset = %s AND split = %s"
                                 " AND image IS NOT NULL", [dataset, split]).fetchone()[0]
@@ -223,25 +220,19 @@ def evaluate(dsn_or_conn: psycopg.Connection | str | None, model: str | Predicto
                                   "(pggeolearn chips build / chips split)")
         params = {"dataset": dataset, "split": split, "out_layer": out_layer,
                   "png": str(png) if png else None, "batch_size": batch_size}
-        with db_errors("pggeolearn.runs"):
-            run_id = control.execute(
-                "INSERT INTO pggeolearn.runs (kind, model, dataset, params, status) VALUES "
-                "('evaluate', %s, %s, %s, 'running') RETURNING run_id",
-                [model_name, dataset, Jsonb(params)]).fetchone()[0]
+        run = runs.Run.start(dsn, "evaluate", model=model_name, dataset=dataset, params=params)
+        run_id = run.run_id
         try:
             report = _run(dsn, p, model_name, ds, split, n, run_id, layer=layer, png=png,
                           n_worst=n_worst, batch_size=batch_size, progress=progress, notes=notes,
                           publish=publish, started=started)
         except BaseException as exc:
-            msg = "interrupted" if isinstance(exc, KeyboardInterrupt) else (str(exc) or type(exc).__name__)
-            try:
-                control.execute("UPDATE pggeolearn.runs SET status = 'failed', error = %s, "
-                                "finished_at = now() WHERE run_id = %s", [msg.splitlines()[0], run_id])
-            except psycopg.Error:
-                pass
+            run.fail("interrupted" if isinstance(exc, KeyboardInterrupt) else (str(exc) or type(exc).__name__))
             if isinstance(exc, psycopg.Error):
                 raise translate(exc, f"evaluate run {run_id}") from exc
             raise
+        finally:
+            run.close()
         from pggeolearn.qgis.project import refresh_after
 
         report.notes += refresh_after(control, model_name, dataset)  # the dataset's QGIS project
@@ -324,8 +315,7 @@ def _run(dsn, p: Predictor, model_name: str, ds, split: str, n: int, run_id: int
                    "tiles": report.tiles, "out_layer": report.out_layer,
                    "png": str(report.png) if report.png else None,
                    "worst": [t.tile_id for t in report.worst], "seconds": round(report.seconds, 3)}
-        w.execute("UPDATE pggeolearn.runs SET status = 'done', outputs = %s, finished_at = now() "
-                  "WHERE run_id = %s", [Jsonb(outputs), run_id])
+        runs.finish(w, run_id, outputs)
     return report
 
 

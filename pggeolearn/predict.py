@@ -79,15 +79,14 @@ import numpy as np
 import psycopg
 from psycopg import errors as pge
 from psycopg import sql
-from psycopg.types.json import Jsonb
 from tqdm import tqdm
 
-from pggeolearn import errors, wkb
+from pggeolearn import errors, outputs, runs, wkb
+from pggeolearn.db import usersql
 from pggeolearn.db.connect import connect
 from pggeolearn.db.errors import db_errors, first_line, translate
-from pggeolearn.db.names import split_table
-from pggeolearn.db import usersql
 from pggeolearn.db.schema import require_schema
+from pggeolearn.db.tables import TableName, overview_prefix
 from pggeolearn.resources import sql_text
 
 __all__ = [
@@ -617,7 +616,7 @@ def _imagery_sql(conn: psycopg.Connection, imagery: str) -> tuple[str, str]:
     """(SQL returning ``rast`` for the ``tile`` relation, label) for a table name or SQL."""
     if _looks_like_sql(imagery):
         return _escape(imagery), "imagery SQL"
-    schema, name = split_table(imagery)
+    schema, name = TableName.parse(imagery).parts
     row = conn.execute("SELECT r_raster_column, srid FROM raster_columns WHERE r_table_schema = %s"
                        " AND r_table_name = %s ORDER BY r_raster_column LIMIT 1", [schema, name]).fetchone()
     if row is None:
@@ -1115,32 +1114,30 @@ def _save_styles(w: psycopg.Connection, p: Predictor, names: _Names, model_name:
 # the entry point
 
 
-def _names(out: str, polygons: str | None, probabilities: bool, vectorize: bool) -> _Names:
-    schema, name = split_table(out)
-    prob = (schema, f"{name}_prob") if probabilities else None
+def _names(out: str, polygons: str | None, probabilities: bool, vectorize: bool,
+           overviews: Sequence[int] = ()) -> _Names:
+    """The output tables, each name validated (63 bytes, with the overview prefix for rasters)."""
+    o = TableName.parse(out, reserve=overview_prefix(overviews))
+    prob = o.sibling("_prob").fits(overview_prefix(overviews)) if probabilities else None
     poly = None
     if vectorize:
-        poly = split_table(polygons, schema) if polygons else (schema, f"{name}_polygons")
-    for t in (prob, poly):
-        if t and len(t[1].encode()) > 63:
-            raise errors.ConfigError(f"output name {t[1]!r} is longer than 63 bytes: choose a shorter --out")
-    return _Names((schema, name), prob, poly)
+        poly = TableName.parse(polygons, o.schema) if polygons else o.sibling("_polygons")
+    return _Names(o.parts, prob.parts if prob else None, poly.parts if poly else None)
 
 
-def _check_outputs(conn: psycopg.Connection, names: _Names, overwrite: bool, append: bool) -> None:
-    if overwrite and append:
-        raise errors.ConfigError("--overwrite and --append exclude each other: choose one")
-    for t in (names.out, names.prob, names.polygons):
-        if t is None:
-            continue
-        kind = _relkind(conn, *t)
-        if kind is None:
-            continue
-        if kind not in ("r", "p"):
-            raise errors.AlreadyExists(f"{t[0]}.{t[1]} exists and is not a table")
-        if not (overwrite or append):
-            raise errors.AlreadyExists(f"table {t[0]}.{t[1]} already exists: pass --overwrite to "
-                                       "replace it or --append to add to it")
+def _outputs(names: _Names, overviews: Sequence[int]) -> list[outputs.Output]:
+    return [outputs.Output(TableName(*t), ov, what) for t, ov, what in (
+        (names.out, overviews, "--out"), (names.prob, overviews, "the probability raster"),
+        (names.polygons, (), "the polygon table")) if t]
+
+
+def _reads(conn: psycopg.Connection, plan: _Plan, timeout_s: float) -> set[TableName]:
+    """The tables the imagery SQL reads over the grid (its plan, not run)."""
+    minx, miny, maxx, maxy = plan.grid.bounds
+    query = sql.SQL(sql_text("predict_probe")).format(imagery=sql.SQL(plan.imagery_sql))
+    with usersql.sandbox(conn, timeout_s):
+        return outputs.tables_read(conn, query, {"minx": minx, "miny": miny, "maxx": maxx, "maxy": maxy,
+                                                 "srid": plan.grid.srid, "res": plan.grid.res})
 
 
 def predict(dsn_or_conn: psycopg.Connection | str | None, model: str | Predictor, *,
@@ -1149,7 +1146,7 @@ def predict(dsn_or_conn: psycopg.Connection | str | None, model: str | Predictor
             dataset: str | None = None, split: str = "test",
             overlap: int | None = None, stitch: str = "centre", probabilities: bool = False,
             vectorize: bool = True, polygons: str | None = None, min_pixels: int = 4,
-            overwrite: bool = False, append: bool = False, batch_size: int = 8,
+            overwrite: bool = False, append: bool = False, force: bool = False, batch_size: int = 8,
             tile_px: int = 256, overviews: Sequence[int] = (2, 4), device: str | None = None,
             timeout_s: float = DEFAULT_TIMEOUT_S, progress: bool = True) -> PredictReport:
     """Run ``model`` over an extent (or a dataset split's area) and write the outputs.
@@ -1178,10 +1175,13 @@ def predict(dsn_or_conn: psycopg.Connection | str | None, model: str | Predictor
         raise errors.ConfigError("give exactly one of an extent (MINX MINY MAXX MAXY) or a dataset")
     if extent is not None and len(extent) != 4:
         raise errors.ConfigError(f"extent needs 4 numbers (MINX MINY MAXX MAXY), got {len(extent)}")
-    names = _names(out, polygons, probabilities, vectorize)
+    names = _names(out, polygons, probabilities, vectorize, overviews)
     dsn = _dsn_of(dsn_or_conn)
     with connect(dsn, autocommit=True, application_name="pggeolearn predict") as control:
         require_schema(control)
+        reads = [] if imagery is None or _looks_like_sql(imagery) else [TableName.parse(imagery)]
+        outputs.check(control, _outputs(names, overviews), reads=reads, overwrite=overwrite,
+                      append=append, force=force)
         p = load_model(control, model, device=device)
         model_name = model if isinstance(model, str) else str(p.name)
         if overlap is None:
@@ -1189,10 +1189,10 @@ def predict(dsn_or_conn: psycopg.Connection | str | None, model: str | Predictor
         if not 0 <= overlap < int(p.tile_px):
             raise errors.ConfigError(f"overlap must be 0..{int(p.tile_px) - 1} pixels "
                                      f"(model windows are {p.tile_px} px), not {overlap}")
-        _check_outputs(control, names, overwrite, append)
         plan = _plan(control, p, model_name, extent=extent, extent_srid=extent_srid, dataset=dataset,
                      split=split, imagery=imagery, tile_px=tile_px, names=names, append=append,
                      timeout_s=timeout_s)
+        outputs.refuse_reads(_outputs(names, overviews), _reads(control, plan, timeout_s))
         params = {"extent": list(extent) if extent is not None else None, "extent_srid": extent_srid,
                   "dataset": dataset, "split": split if dataset else None, "imagery": imagery,
                   "out": names.show(names.out), "overlap": overlap, "stitch": stitch,
@@ -1201,11 +1201,9 @@ def predict(dsn_or_conn: psycopg.Connection | str | None, model: str | Predictor
                   "batch_size": batch_size, "overwrite": overwrite, "append": append,
                   "framework": str(getattr(p, "framework", "")), "window": int(p.tile_px)}
         g = plan.grid
-        with db_errors("pggeolearn.runs"):
-            run_id = control.execute(
-                "INSERT INTO pggeolearn.runs (kind, model, dataset, params, extent, status) VALUES "
-                "('predict', %s, %s, %s, ST_MakeEnvelope(%s, %s, %s, %s, %s::integer), 'running') "
-                "RETURNING run_id", [model_name, dataset, Jsonb(params), *g.bounds, g.srid]).fetchone()[0]
+        run = runs.Run.start(dsn, "predict", model=model_name, dataset=dataset, params=params,
+                             extent=g.bounds, srid=g.srid)
+        run_id = run.run_id
         report = PredictReport(run_id, model_name, names.show(names.out), names.show(names.prob),
                                names.show(names.polygons), g, int(p.tile_px), overlap, stitch, tile_px,
                                notes=list(plan.notes))
@@ -1215,15 +1213,13 @@ def predict(dsn_or_conn: psycopg.Connection | str | None, model: str | Predictor
                      append=append,
                      overviews=overviews, timeout_s=timeout_s, progress=progress, started=started)
         except BaseException as exc:
-            msg = "interrupted" if isinstance(exc, KeyboardInterrupt) else (str(exc) or type(exc).__name__)
-            try:
-                control.execute("UPDATE pggeolearn.runs SET status = 'failed', error = %s, "
-                                "finished_at = now() WHERE run_id = %s", [msg.splitlines()[0], run_id])
-            except psycopg.Error:
-                pass  # the database is gone: the run stays 'running'; the tables were rolled back
+            # the database gone: the next command marks the run failed; the tables were rolled back
+            run.fail("interrupted" if isinstance(exc, KeyboardInterrupt) else (str(exc) or type(exc).__name__))
             if isinstance(exc, psycopg.Error):
                 raise translate(exc, f"predict run {run_id}") from exc
             raise
+        finally:
+            run.close()
         from pggeolearn.qgis.project import refresh_after
 
         report.notes += refresh_after(control, model_name, dataset)  # the dataset's QGIS project
@@ -1316,8 +1312,7 @@ def _execute(dsn: str | None, plan: _Plan, names: _Names, report: PredictReport,
                              "write": writer.write_s, "vectorize": writer.vector_s,
                              "finalize": finalize_s}
             report.seconds = time.perf_counter() - started
-            w.execute("UPDATE pggeolearn.runs SET status = 'done', outputs = %s, finished_at = now(), "
-                      "error = NULL WHERE run_id = %s", [Jsonb(report.outputs()), report.run_id])
+            runs.finish(w, report.run_id, report.outputs())
 
 
 def _call_model(p: Predictor, x: np.ndarray, n_classes: int) -> np.ndarray:

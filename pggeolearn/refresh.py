@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any
 
 import psycopg
 from psycopg import sql
@@ -58,21 +57,6 @@ class Source:
         return sql.SQL(".").join([sql.Identifier(self.schema), sql.Identifier(self.table)])
 
 
-def _relations(plan: Any) -> set[tuple[str, str]]:
-    """(schema, table) of every relation scanned anywhere in an EXPLAIN (FORMAT JSON) plan."""
-    found: set[tuple[str, str]] = set()
-    stack = [plan]
-    while stack:
-        node = stack.pop()
-        if isinstance(node, dict):
-            if "Relation Name" in node and "Schema" in node:
-                found.add((node["Schema"], node["Relation Name"]))
-            stack.extend(node.values())
-        elif isinstance(node, list):
-            stack.extend(node)
-    return found
-
-
 def sources(conn: psycopg.Connection, dataset: str) -> list[Source]:
     """The tables (outside schema pggeolearn) that the dataset's image and label SQL read."""
     ds = datasets.get(conn, dataset)
@@ -90,12 +74,10 @@ def sources(conn: psycopg.Connection, dataset: str) -> list[Source]:
             "SELECT 1 FROM tile, LATERAL ({q}) AS q", q=text)
         try:
             with usersql.sandbox(conn, 30):
-                plan = conn.execute("SELECT pggeolearn.recipe_plan(%s)",
-                                    [usersql.render(conn, query, params)]).fetchone()[0]
+                tables |= usersql.tables_read(conn, query, params)
         except psycopg.Error as exc:
             raise errors.RecipeError(f"{kind} SQL of dataset {dataset} cannot be planned: "
                                      f"{first_line(exc)}") from exc
-        tables |= _relations(plan)
     tables = {t for t in tables if t[0] not in ("pggeolearn", "pg_catalog", "information_schema")}
     out = []
     for schema, table in sorted(tables):

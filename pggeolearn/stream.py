@@ -57,7 +57,7 @@ import numpy as np
 import psycopg
 from psycopg import sql
 
-from pggeolearn import errors, wkb
+from pggeolearn import errors, retry, wkb
 from pggeolearn.db import usersql
 from pggeolearn.db.connect import connect
 from pggeolearn.db.errors import db_errors, first_line, translate
@@ -273,7 +273,8 @@ class _Job:
     rows_per_fetch: int
     connections: int
     timeout_s: float | None
-    max_reconnects: int
+    max_reconnects: int | None
+    reconnect_window_s: float
     stats: dict[str, Any] = field(default_factory=dict)
 
 
@@ -312,7 +313,10 @@ class GeoStream:
     * ``source``: ``'chips'`` (the chip store) or ``'live'`` (see :meth:`live`).
     * ``max_batches``: stop each epoch after that many batches.
     * ``timeout_s``: ``statement_timeout`` of the stream's queries (:class:`QueryTimeout`,
-      never retried); ``max_reconnects``: attempts to resume after a lost connection.
+      never retried). After a lost connection the stream reconnects and resumes where it was,
+      retrying with backoff for ``reconnect_window_s`` seconds (default 60, or
+      ``PGGEOLEARN_RECONNECT_S``: long enough for a server restart), at most ``max_reconnects``
+      attempts when given; then one :class:`~pggeolearn.errors.ConnectionLost`.
     * ``application_name``: shown in ``pg_stat_activity`` (default: unique per stream).
     """
 
@@ -342,7 +346,8 @@ class GeoStream:
         chunk_size: int = 1024,
         fetch_bytes: int = 8 << 20,
         timeout_s: float | None = None,
-        max_reconnects: int = 3,
+        max_reconnects: int | None = None,
+        reconnect_window_s: float | None = None,
         application_name: str | None = None,
         sampling: str | None = None,
     ):
@@ -371,7 +376,8 @@ class GeoStream:
         self.transport, self.max_batches = transport, max_batches
         self.connections, self.chunk_size = int(connections), int(chunk_size)
         self.fetch_bytes, self.timeout_s = int(fetch_bytes), timeout_s
-        self.max_reconnects = int(max_reconnects)
+        self.max_reconnects = None if max_reconnects is None else int(max_reconnects)
+        self.reconnect_window_s = retry.Window(reconnect_window_s).window_s
         self.application_name = (application_name or f"pggeolearn-stream-{uuid.uuid4().hex[:12]}")[:63]
         self._iterators: weakref.WeakSet[BatchIterator] = weakref.WeakSet()
         self._stats: dict[str, Any] = {"reconnects": 0, "resumed_at": [], "empty_tiles": 0}
@@ -415,7 +421,8 @@ class GeoStream:
         kwargs: dict[str, Any] = {"application_name": self.application_name}
         if self.timeout_s:
             kwargs["options"] = f"-c statement_timeout={int(self.timeout_s * 1000)}"
-        with connect(self.dsn, autocommit=True, **kwargs) as conn:
+        with retry.connect(self.dsn, window_s=self.reconnect_window_s, max_attempts=self.max_reconnects,
+                           autocommit=True, **kwargs) as conn:  # a restart between epochs: wait
             ds = datasets.get(conn, self.dataset_name)
             self.dataset = ds
             r = ds.recipe
@@ -636,7 +643,8 @@ class GeoStream:
             mean=self.mean, std=self.std, augment=self.augment, seed=self.seed, epoch=int(epoch),
             chunk_size=self.chunk_size, rows_per_fetch=max(1, self.fetch_bytes // row_bytes),
             connections=self.connections, timeout_s=self.timeout_s,
-            max_reconnects=self.max_reconnects, stats=self._stats)
+            max_reconnects=self.max_reconnects, reconnect_window_s=self.reconnect_window_s,
+            stats=self._stats)
         it = BatchIterator(job, self.prefetch, on_done)
         self._iterators.add(it)
         return it
@@ -914,28 +922,36 @@ class _Run:
             except Exception:  # noqa: S110
                 pass
 
-    def _retry_or_raise(self, exc: BaseException, failures: int, at: int | None = None) -> None:
+    def _retry_or_raise(self, exc: BaseException, window: retry.Window, at: int | None = None) -> None:
         """Called in an except block: return to resume, or raise the error to report."""
         if self.stop.is_set():
             raise _Stopped from None
         err = translate(exc, f"streaming dataset {self.job.dataset}") \
             if isinstance(exc, psycopg.Error) else exc
-        if not isinstance(err, errors.ConnectionLost) or failures >= self.job.max_reconnects:
+        if not isinstance(err, errors.ConnectionLost):
             if err is exc:
                 raise exc
             raise err from exc
+        delay = window.next_delay()
+        if delay is None:
+            raise errors.ConnectionLost(
+                f"lost the database while streaming dataset {self.job.dataset} and could not resume "
+                f"({window.describe()}): {str(err).splitlines()[0]}") from exc
         at = self.pos if at is None else at
-        log.warning("%s; resuming at position %d of the epoch (attempt %d of %d)",
-                    err, at, failures + 1, self.job.max_reconnects)
+        log.warning("%s; resuming at position %d of the epoch (attempt %d, %s)",
+                    err, at, window.attempts, window.describe())
         self.job.stats["reconnects"] += 1
         self.job.stats["resumed_at"].append(at)
-        if self.stop.wait(min(2.0, 0.1 * 2 ** failures)):
+        if self.stop.wait(delay):
             raise _Stopped from None
+
+    def _window(self) -> retry.Window:
+        return retry.Window(self.job.reconnect_window_s, self.job.max_reconnects)
 
     def _produce_chips(self) -> None:
         job = self.job
         total = len(job.seq)
-        failures, conn = 0, None
+        window, conn = self._window(), None
         while self.pos < total:
             start = self.pos
             try:
@@ -951,9 +967,8 @@ class _Run:
                 self._discard(conn)
                 conn = None
                 if self.pos > start:
-                    failures = 0
-                self._retry_or_raise(exc, failures)
-                failures += 1
+                    window.reset()
+                self._retry_or_raise(exc, window)
         self._discard(conn)
 
     def _fetch_copy(self, conn: psycopg.Connection, ids: np.ndarray) -> None:
@@ -1028,7 +1043,7 @@ class _Run:
         """Rows ``(tile_id, image, label)`` of ``ids`` on this thread's connection."""
         job = self.job
         params = {"ids": ids.tolist(), "dataset": job.dataset}
-        failures = 0
+        window = self._window()
         while True:
             if self.stop.is_set():
                 raise _Stopped
@@ -1057,8 +1072,7 @@ class _Run:
             except (psycopg.Error, errors.DatabaseError) as exc:
                 self._discard(conn)
                 local.conn = None
-                self._retry_or_raise(exc, failures, start)
-                failures += 1
+                self._retry_or_raise(exc, window, start)
 
     # -- decoding into the batch --------------------------------------------------------------
     def _new_batch(self) -> Batch:

@@ -14,6 +14,8 @@ srid_option = click.option(
     help="Reproject to this EPSG code (files without a CRS are declared to be in it).")
 overwrite_option = click.option(
     "--overwrite", is_flag=True, help="Drop and recreate the table if it exists.")
+force_option = click.option(
+    "--force", is_flag=True, help="With --overwrite: also replace a table pggeolearn did not create.")
 append_option = click.option(
     "--append", is_flag=True, help="Add to the table if it exists.")
 progress_option = click.option(
@@ -35,11 +37,12 @@ def import_() -> None:
 @click.option("--resolution", type=float, default=None, metavar="R",
               help="Resample onto a grid of this pixel size (target CRS units).")
 @overwrite_option
+@force_option
 @append_option
 @progress_option
 @pass_ctx
 def raster(ctx: Context, files: tuple[str, ...], table: str, srid: int | None, tile_size: int,
-           resolution: float | None, overwrite: bool, append: bool, progress: bool) -> None:
+           resolution: float | None, overwrite: bool, force: bool, append: bool, progress: bool) -> None:
     """Tile raster files (GeoTIFF, anything GDAL reads) into a raster table.
 
     The table matches `raster2pgsql -I -C -F -t 256x256`: rid, rast, filename, a GiST index
@@ -52,7 +55,7 @@ def raster(ctx: Context, files: tuple[str, ...], table: str, srid: int | None, t
     with connect(ctx.dsn) as conn:
         report = import_raster(conn, list(files), table, srid=srid, tile_size=tile_size,
                                resolution=resolution, overwrite=overwrite, append=append,
-                               progress=progress)
+                               progress=progress, force=force)
     click.echo(str(report))
 
 
@@ -63,11 +66,12 @@ def raster(ctx: Context, files: tuple[str, ...], table: str, srid: int | None, t
 @click.option("--geom-column", default="geom", show_default=True, metavar="NAME",
               help="Name of the geometry column.")
 @overwrite_option
+@force_option
 @append_option
 @progress_option
 @pass_ctx
 def vector(ctx: Context, file: str, table: str, srid: int | None, geom_column: str,
-           overwrite: bool, append: bool, progress: bool) -> None:
+           overwrite: bool, force: bool, append: bool, progress: bool) -> None:
     """Load a GeoJSON FeatureCollection (or .geojsonl/.ndjson) into a table.
 
     Properties become typed columns plus a `properties` jsonb column; invalid geometries
@@ -78,7 +82,7 @@ def vector(ctx: Context, file: str, table: str, srid: int | None, geom_column: s
 
     with connect(ctx.dsn) as conn:
         report = import_vector(conn, file, table, srid=srid, geom_column=geom_column,
-                               overwrite=overwrite, append=append, progress=progress)
+                               overwrite=overwrite, append=append, progress=progress, force=force)
     click.echo(str(report))
 
 

@@ -35,6 +35,8 @@ from pggeolearn.cli.main import Context, pass_ctx
               help="centre: each window keeps its central part; blend: cosine-weighted average.")
 @click.option("--overwrite", is_flag=True, help="Replace existing output tables.")
 @click.option("--append", is_flag=True, help="Add to existing output tables.")
+@click.option("--force", is_flag=True,
+              help="With --overwrite: also replace tables pggeolearn did not create.")
 @click.option("--batch-size", type=click.IntRange(1, 4096), default=8, show_default=True,
               help="Windows per model call.")
 @click.option("--tile-size", type=click.IntRange(16, 4096), default=256, show_default=True,
@@ -45,8 +47,8 @@ from pggeolearn.cli.main import Context, pass_ctx
 @click.option("--progress/--no-progress", default=True, help="Show a progress bar.")
 @pass_ctx
 def predict(ctx: Context, model: str, extent, extent_srid, dataset, split, imagery, out, polygons,
-            no_polygons, min_pixels, probabilities, overlap, stitch, overwrite, append, batch_size, tile_size,
-            device, statement_timeout, progress) -> None:
+            no_polygons, min_pixels, probabilities, overlap, stitch, overwrite, append, force, batch_size,
+            tile_size, device, statement_timeout, progress) -> None:
     """Run MODEL (a registry name, or module:attribute) over an extent or a dataset split and
     write a class raster, polygons and optionally probabilities into PostGIS, styled for QGIS.
     No imagery: NODATA 255."""
@@ -55,7 +57,7 @@ def predict(ctx: Context, model: str, extent, extent_srid, dataset, split, image
     report = lib.predict(ctx.dsn, model, out=out, imagery=imagery, extent=extent or None,
                          extent_srid=extent_srid, dataset=dataset, split=split, overlap=overlap,
                          stitch=stitch, probabilities=probabilities, vectorize=not no_polygons,
-                         polygons=polygons, min_pixels=min_pixels, overwrite=overwrite, append=append,
+                         polygons=polygons, min_pixels=min_pixels, overwrite=overwrite, append=append, force=force,
                          batch_size=batch_size, tile_px=tile_size, device=device,
                          timeout_s=statement_timeout, progress=progress)
     click.echo(str(report))
@@ -72,19 +74,21 @@ def predict(ctx: Context, model: str, extent, extent_srid, dataset, split, image
 @click.option("--worst", type=click.IntRange(1, 256), default=8, show_default=True,
               help="How many tiles the PNG shows.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out-layer table.")
+@click.option("--force", is_flag=True,
+              help="With --overwrite: also replace a table pggeolearn did not create.")
 @click.option("--batch-size", type=click.IntRange(1, 4096), default=8, show_default=True)
 @click.option("--device", default=None, help="Model device: auto, cpu, gpu:0 [auto].")
 @click.option("--progress/--no-progress", default=True, help="Show a progress bar.")
 @pass_ctx
 def evaluate(ctx: Context, model: str, dataset: str, split: str, out_layer, png, worst, overwrite,
-             batch_size, device, progress) -> None:
+             force, batch_size, device, progress) -> None:
     """Score MODEL on the chips of a dataset split: per-class IoU/F1, confusion matrix, and
     optionally a per-tile layer and a PNG of the worst tiles."""
     from pggeolearn import evaluate as lib
 
     report = lib.evaluate(ctx.dsn, model, dataset=dataset, split=split, out_layer=out_layer,
                           png=png, n_worst=worst, batch_size=batch_size, overwrite=overwrite,
-                          device=device, progress=progress)
+                          force=force, device=device, progress=progress)
     click.echo(str(report))
 
 

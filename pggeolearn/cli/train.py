@@ -46,13 +46,15 @@ from pggeolearn.db import connect
               metavar="MIN", help="Stop after the epoch that passes this many minutes "
                                   "(the LR schedule anneals by then).")
 @click.option("--overwrite", is_flag=True, help="Replace a model of the same name.")
+@click.option("--force", is_flag=True,
+              help="With --resume: continue on another dataset or a changed recipe.")
 @click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write loss and IoU curves per epoch to this PNG.")
 @click.option("--progress/--no-progress", default=True, help="Show progress bars.")
 @pass_ctx
 def train(ctx: Context, dataset: str, model_name: str, framework, epochs, batch_size, lr, schedule,
           device, seed, resume, width, depth, stem_stride, class_weights, augment, patience,
-          time_limit, overwrite, plot, progress) -> None:
+          time_limit, overwrite, force, plot, progress) -> None:
     """Train a U-Net on DATASET's train split straight from the database, validate it on the
     spatially held-out val split every epoch, and store the best epoch as model NAME.
 
@@ -64,7 +66,7 @@ def train(ctx: Context, dataset: str, model_name: str, framework, epochs, batch_
         lr=lr, schedule=schedule, device=device, seed=seed, resume=resume, width=width,
         depth=depth, stem_stride=int(stem_stride) if stem_stride else None,
         class_weights=class_weights, augment=augment, patience=patience,
-        time_limit_min=time_limit, overwrite=overwrite, plot=plot, progress=progress)
+        time_limit_min=time_limit, overwrite=overwrite, force=force, plot=plot, progress=progress)
     click.echo(str(report))
     if report.interrupted:
         sys.exit(130)

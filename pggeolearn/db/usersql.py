@@ -104,6 +104,27 @@ def rows(conn: psycopg.Connection, query: sql.Composable, params: Mapping[str, A
         return cur.fetchall()
 
 
+def tables_read(conn: psycopg.Connection, query: sql.Composable,
+                params: Mapping[str, Any] | None = None) -> set[tuple[str, str]]:
+    """``(schema, table)`` of every relation ``query`` (ours, with user SQL embedded) scans,
+    views resolved to their tables: its ``EXPLAIN (VERBOSE, FORMAT JSON)`` plan, made as role
+    pggeolearn_recipe by ``pggeolearn.recipe_plan`` (planning may already run functions the
+    user SQL calls), never executed. Call inside :func:`sandbox`."""
+    plan = conn.execute("SELECT pggeolearn.recipe_plan(%s)",
+                        [render(conn, query, params)]).fetchone()[0]
+    found: set[tuple[str, str]] = set()
+    stack: list[Any] = [plan]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            if "Relation Name" in node and "Schema" in node:
+                found.add((node["Schema"], node["Relation Name"]))
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    return found
+
+
 def render(conn: psycopg.Connection, query: sql.Composable, params: Mapping[str, Any] | None) -> str:
     """The query text with its parameters inlined as literals (it travels as one text value)."""
     cur = psycopg.ClientCursor(conn)

@@ -5,16 +5,17 @@ from __future__ import annotations
 import psycopg
 from psycopg import sql
 
-from pggeolearn import errors
-from pggeolearn.db.names import split_table
+from pggeolearn import errors, outputs
+from pggeolearn.db.tables import TableName
 
 MAX_IDENT = 63  # PostgreSQL truncates longer identifiers (NAMEDATALEN - 1)
 
 
 def target(table: str) -> tuple[str, str, sql.Identifier, str]:
-    """``(schema, name, quoted identifier, display name)`` for a user's table name."""
-    schema, name = split_table(table)
-    return schema, name, sql.Identifier(schema, name), f"{schema}.{name}"
+    """``(schema, name, quoted identifier, display name)`` for a user's table name (validated:
+    an invalid or over-long name is refused before any work)."""
+    t = TableName.parse(table)
+    return t.schema, t.name, t.ident, str(t)
 
 
 def relkind(conn: psycopg.Connection, schema: str, name: str) -> str | None:
@@ -34,25 +35,28 @@ def check_mode(overwrite: bool, append: bool) -> None:
 
 def prepare_target(
     conn: psycopg.Connection, schema: str, name: str, ident: sql.Identifier, display: str,
-    *, overwrite: bool, append: bool,
+    *, overwrite: bool, append: bool, force: bool = False,
 ) -> bool:
     """Drop the table for ``overwrite``; return True when it exists and rows are to be appended.
 
-    An existing table without either flag is an :class:`~pggeolearn.errors.AlreadyExists`;
-    a view or other relation of that name is never dropped.
+    :func:`pggeolearn.outputs.check` decides first: an existing table without either flag is an
+    :class:`~pggeolearn.errors.AlreadyExists`, a view or other relation is never dropped, nor
+    the catalog, nor a table pggeolearn did not create (unless ``force``).
     """
-    kind = relkind(conn, schema, name)
-    if kind is None:
+    t = TableName(schema, name)
+    outputs.check(conn, [outputs.Output(t, what="--table")], overwrite=overwrite, append=append,
+                  force=force)
+    if relkind(conn, schema, name) is None:
         return False
-    if kind not in ("r", "p"):
-        raise errors.AlreadyExists(f"{display} exists and is not a table (relkind {kind!r})")
     if append:
         return True
-    if not overwrite:
-        raise errors.AlreadyExists(f"table {display} already exists: pass --overwrite to "
-                                   "replace it or --append to add to it")
     conn.execute(sql.SQL("DROP TABLE {}").format(ident))
     return False
+
+
+def mark(conn: psycopg.Connection, schema: str, name: str, what: str) -> None:
+    """Mark a table the importer created as pggeolearn's (so --overwrite may replace it later)."""
+    outputs.mark(conn, TableName(schema, name), what)
 
 
 def check_srid(conn: psycopg.Connection, srid: int) -> None:

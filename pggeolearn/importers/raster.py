@@ -40,9 +40,9 @@ from rasterio.windows import Window
 from tqdm import tqdm
 
 from pggeolearn import errors, wkb
+from pggeolearn.db import security
 from pggeolearn.db.errors import db_errors, first_line
 from pggeolearn.importers import _common
-from pggeolearn.db import security
 from pggeolearn.resources import sql_text
 
 __all__ = ["ImportReport", "import_raster", "expand_paths"]
@@ -341,6 +341,7 @@ def import_raster(
     overwrite: bool = False,
     append: bool = False,
     progress: bool = True,
+    force: bool = False,
 ) -> ImportReport:
     """Load raster files (globs allowed) into ``table`` as ``tile_size``² tiles.
 
@@ -372,7 +373,7 @@ def import_raster(
 
     with db_errors(f"import into {display}"), conn.transaction():
         appending = _common.prepare_target(conn, schema, name, ident, display,
-                                           overwrite=overwrite, append=append)
+                                           overwrite=overwrite, append=append, force=force)
         existing = _probe(conn, ident) if appending else None
         if existing is not None:
             ulx, uly, sx, sy, kx, ky, table_srid, table_types = existing
@@ -411,6 +412,7 @@ def import_raster(
             ).format(ident))
             conn.execute(sql.SQL("ALTER TABLE {} ALTER COLUMN rast SET STORAGE {}").format(
                 ident, sql.SQL(_STORAGE)))
+            _common.mark(conn, schema, name, "import raster")
         else:  # constraints (extent above all) would reject the new tiles
             conn.execute("SELECT DropRasterConstraints(%s::name, %s::name, 'rast'::name)",
                          [schema, name])

@@ -29,9 +29,9 @@ from shapely.geometry import shape
 from tqdm import tqdm
 
 from pggeolearn import errors
+from pggeolearn.db import security
 from pggeolearn.db.errors import db_errors
 from pggeolearn.importers import _common
-from pggeolearn.db import security
 from pggeolearn.resources import sql_text
 
 __all__ = ["VectorImportReport", "import_vector"]
@@ -364,6 +364,7 @@ def import_vector(
     overwrite: bool = False,
     append: bool = False,
     progress: bool = True,
+    force: bool = False,
 ) -> VectorImportReport:
     """Load a GeoJSON file into ``table`` (see the module docstring for the table's shape).
 
@@ -394,7 +395,7 @@ def import_vector(
 
     with db_errors(f"import into {display}"), conn.transaction():
         appending = _common.prepare_target(conn, schema, name, ident, display,
-                                           overwrite=overwrite, append=append)
+                                           overwrite=overwrite, append=append, force=force)
         out_srid = srid or src_srid
         if appending:
             existing, ttype, tsrid, dim = _existing(conn, schema, name, display, geom_column)
@@ -417,6 +418,7 @@ def import_vector(
         if not appending:
             conn.execute(sql.SQL("CREATE TABLE {} (id bigserial PRIMARY KEY, {}, {} {})").format(
                 ident, sql.SQL(", ").join(defs), sql.Identifier(geom_column), typmod))
+            _common.mark(conn, schema, name, "import vector")
         else:
             for c in cols + [_Column("properties", "properties", "jsonb")]:
                 if c.name not in existing:

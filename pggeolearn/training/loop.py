@@ -40,10 +40,9 @@ from typing import Any
 
 import numpy as np
 import psycopg
-from psycopg.types.json import Jsonb
 from tqdm import tqdm
 
-from pggeolearn import __version__, datasets, errors
+from pggeolearn import __version__, datasets, errors, runs
 from pggeolearn.db.connect import connect
 from pggeolearn.db.errors import db_errors
 from pggeolearn.db.schema import require_schema
@@ -216,6 +215,7 @@ class TrainOptions:
     time_limit_min: float | None = None
     overwrite: bool = False
     resume: bool = False
+    force: bool = False  # resume onto another dataset or recipe all the same
     plot: str | Path | None = None
     progress: bool = True
     on_epoch: Callable[[dict[str, Any]], None] | None = None  # called after every epoch
@@ -420,31 +420,6 @@ def _class_counts(conn: psycopg.Connection, dataset: str, split: str, ids: Seque
     return by_id[list(ids)]
 
 
-def _start_run(conn: psycopg.Connection, model: str, dataset: str, params: dict[str, Any]) -> int:
-    with db_errors("recording the training run"):
-        return conn.execute(
-            "INSERT INTO pggeolearn.runs (kind, model, dataset, params) VALUES ('train', %s, %s, %s)"
-            " RETURNING run_id", [model, dataset, Jsonb(params)]).fetchone()[0]
-
-
-def _save_epoch(conn: psycopg.Connection, run_id: int, model: str, outputs: dict[str, Any],
-                checkpoint: bytes) -> None:
-    """The run's outputs and checkpoint; older checkpoints of the same model are dropped."""
-    with db_errors("saving the checkpoint"), conn.transaction():
-        conn.execute("UPDATE pggeolearn.runs SET outputs = %s, checkpoint = %s WHERE run_id = %s",
-                     [Jsonb(outputs), checkpoint, run_id])
-        conn.execute("UPDATE pggeolearn.runs SET checkpoint = NULL WHERE kind = 'train' AND model = %s"
-                     " AND run_id <> %s AND checkpoint IS NOT NULL", [model, run_id])
-
-
-def _finish_run(conn: psycopg.Connection, run_id: int, status: str, outputs: dict[str, Any],
-                error: str | None = None) -> None:
-    with db_errors("closing the training run"):
-        conn.execute("UPDATE pggeolearn.runs SET status = %s, outputs = %s, error = %s,"
-                     " finished_at = now() WHERE run_id = %s",
-                     [status, Jsonb(outputs), error, run_id])
-
-
 # ----------------------------------------------------------------------------------------------
 # the loop
 
@@ -521,7 +496,7 @@ class _Training:
                                       "(train it without --resume first)")
             self.resumed_run, blob = found
             meta, weights, optimizer, best = unpack_checkpoint(blob)
-            self._check_resume(meta)
+            self._check_resume(meta, force=opts.force)
             self.state, self.blobs = meta, (weights, optimizer, best)
             stored = meta["options"]
         self.opts = opts.resolved(stored)
@@ -559,7 +534,7 @@ class _Training:
             raise errors.ConfigError(f"--batch-size {o.batch_size} is smaller than the {ndev} devices "
                                      "it is split over: use at least one chip per device")
 
-    def _check_resume(self, meta: dict[str, Any]) -> None:
+    def _check_resume(self, meta: dict[str, Any], *, force: bool = False) -> None:
         if meta.get("format") != CHECKPOINT_FORMAT:
             raise errors.ConfigError(f"checkpoint of {self.name} has an unknown format {meta.get('format')!r}")
         mine = {str(k): v for k, v in self.classes.items()}
@@ -573,9 +548,15 @@ class _Training:
         if meta["tile_px"] != self.ds.recipe.tile_px:
             self.notes.append(f"the checkpoint was trained on {meta['tile_px']}px tiles, "
                               f"these are {self.ds.recipe.tile_px}px")
-        if meta.get("recipe_hash") != self.ds.recipe_hash:
-            self.notes.append(f"dataset {self.ds.name}'s recipe changed since the checkpoint "
-                              f"({meta.get('recipe_hash')} -> {self.ds.recipe_hash})")
+        was = (meta.get("dataset"), meta.get("recipe_hash"))
+        if was != (self.ds.name, self.ds.recipe_hash):
+            what = (f"dataset {was[0]}" if was[0] != self.ds.name else
+                    f"dataset {self.ds.name} with another recipe ({str(was[1])[:12]} -> {self.ds.recipe_hash[:12]})")
+            if not force:
+                raise errors.ConfigError(
+                    f"cannot resume {self.name} on dataset {self.ds.name}: its checkpoint was trained on "
+                    f"{what} (pass --force to continue training on this data anyway)")
+            self.notes.append(f"resumed with --force on other data: the checkpoint was trained on {what}")
 
     # -- the epochs ------------------------------------------------------------------------------
     def run(self) -> TrainReport:
@@ -592,7 +573,16 @@ class _Training:
         params = {"options": self._options_json(), "architecture": self.arch.to_json(),
                   "device": model.device, "resumed_from_run": getattr(self, "resumed_run", None),
                   "package_version": __version__}
-        run_id = _start_run(self.conn, self.name, self.ds.name, params)
+        # reserves the model name: a second concurrent `train --model X` is refused here, at once
+        self.run = runs.Run.start(self.dsn, "train", model=self.name, dataset=self.ds.name, params=params)
+        try:
+            return self._epochs(model, stopper, start_epoch, history, best_weights, resumed_from)
+        finally:
+            self.run.close()
+
+    def _epochs(self, model, stopper: EarlyStopping, start_epoch: int, history: list,
+                best_weights: bytes | None, resumed_from: int | None) -> TrainReport:
+        o, run_id = self.opts, self.run.run_id
         report = TrainReport(
             model=self.name, dataset=self.ds.name, framework=o.framework, device=model.device,
             run_id=run_id, classes=self.classes, history=history, best_epoch=stopper.best_epoch,
@@ -643,11 +633,12 @@ class _Training:
         except Exception as exc:
             mapped = map_error(exc, o.batch_size) or self.fw.map_error(exc, o.batch_size)
             err = mapped or exc
-            try:
-                _finish_run(self.conn, run_id, "failed", self._outputs(history, stopper.best_epoch, "failed"),
-                            str(err).splitlines()[0] if str(err) else type(err).__name__)
-            except errors.PggeolearnError:
-                pass  # the database went away too: the first error is the one to report
+            if isinstance(err, errors.ConnectionLost) and history:
+                mapped = err = errors.ConnectionLost(
+                    f"{str(err).splitlines()[0]}; run {run_id} failed after epoch {history[-1]['epoch']}, "
+                    f"resume with: pggeolearn train {self.ds.name} --model {self.name} --resume")
+            # the database gone too: the run is marked failed by the next command that looks
+            self.run.fail(str(err) or type(err).__name__, self._outputs(history, stopper.best_epoch, "failed"))
             if mapped is not None:
                 raise mapped from exc
             raise
@@ -657,7 +648,10 @@ class _Training:
             report.best = _scores(history[best_epoch - 1]["val"])
             self._save_model(history, best_epoch, best_weights, report.stopped)
             report.saved = True
-        _finish_run(self.conn, run_id, status, self._outputs(history, best_epoch, report.stopped), error)
+        if status == "done":
+            self.run.finish(self._outputs(history, best_epoch, report.stopped))
+        else:
+            self.run.fail(error, self._outputs(history, best_epoch, report.stopped))
         if o.plot and history:
             from pggeolearn.training.plot import plot_history
 
@@ -728,7 +722,7 @@ class _Training:
         model = self.model
         blob = pack_checkpoint(_json_ready(self._meta(state)), model.get_weights(),
                                model.get_optimizer_state(), best)
-        _save_epoch(self.conn, run_id, self.name, self._outputs(state["history"], state["best_epoch"]), blob)
+        self.run.heartbeat(self._outputs(state["history"], state["best_epoch"]), blob)
 
     def _outputs(self, history: list[dict[str, Any]], best_epoch: int | None,
                  stopped: str | None = None) -> dict[str, Any]:
@@ -750,7 +744,8 @@ class _Training:
             srid=r.srid, bands=self.bands, weights=weights,
             metrics=self._outputs(history, best_epoch, stopped) | {"split": "val"},
             best_epoch=best_epoch)
-        registry.save(self.conn, record, overwrite=self.opts.overwrite or self.opts.resume)
+        # on the run's connection: it reconnects when the server restarted during training
+        registry.save(self.run.connection(), record, overwrite=self.opts.overwrite or self.opts.resume)
 
 
 def _scores(d: dict[str, Any]) -> M.Scores:

@@ -29,7 +29,7 @@ import psycopg
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
-from pggeolearn import __version__, errors
+from pggeolearn import __version__, errors, runs
 from pggeolearn.db.errors import db_errors
 from pggeolearn.db.schema import require_schema
 
@@ -277,8 +277,7 @@ def drop(conn: psycopg.Connection, name: str) -> None:
     with db_errors(f"dropping model {name}"), conn.transaction():
         if conn.execute("DELETE FROM pggeolearn.models WHERE name = %s", [name]).rowcount == 0:
             raise _not_found(conn, name)
-        conn.execute("UPDATE pggeolearn.runs SET checkpoint = NULL WHERE kind = 'train'"
-                     " AND model = %s AND checkpoint IS NOT NULL", [name])
+        runs.drop_checkpoints(conn, name)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -2,8 +2,8 @@
 pggeolearn.changes (footprints of rows changed in them, written by triggers), and
 chips.band_stats (per-chip band statistics, so dataset statistics need not re-read images).
 
-Revision ID: 0003
-Revises: 0002
+Revision ID: 0004
+Revises: 0003
 Create Date: 2026-12-02
 """
 
@@ -11,8 +11,8 @@ import sqlalchemy as sa
 from alembic import op
 from geoalchemy2 import Geometry
 
-revision = "0003"
-down_revision = "0002"
+revision = "0004"
+down_revision = "0003"
 branch_labels = None
 depends_on = None
 
