@@ -27,7 +27,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 
-SCHEMA = "pggeolearn"
+from pggeolearn.db.schema import SCHEMA
+
 metadata = MetaData(schema=SCHEMA)
 
 datasets = Table(

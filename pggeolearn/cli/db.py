@@ -8,7 +8,6 @@ import click
 
 from pggeolearn.cli.main import Context, pass_ctx
 from pggeolearn.db import cluster as cl
-from pggeolearn.db import schema
 
 datadir_option = click.option(
     "--datadir", type=click.Path(path_type=Path), default=None, envvar="PGGEOLEARN_DATADIR",
@@ -51,6 +50,8 @@ def status(datadir: Path | None) -> None:
 def init(ctx: Context) -> None:
     """Install schema pggeolearn (tables, SQL functions, the recipe sandbox role, the reader /
     trainer / maintainer roles, pinned search_paths). Safe to repeat."""
+    from pggeolearn.db import schema  # Alembic + SQLAlchemy: only for the commands that need them
+
     rev = schema.upgrade(ctx.dsn)
     click.echo(f"schema pggeolearn at revision {rev}")
     _report_holes(ctx)
@@ -109,6 +110,8 @@ def grant(ctx: Context, target: str | None, is_schema: bool, level: str | None) 
 @pass_ctx
 def upgrade(ctx: Context, revision: str) -> None:
     """Upgrade schema pggeolearn in one transaction (a failure changes nothing)."""
+    from pggeolearn.db import schema
+
     rev = schema.upgrade(ctx.dsn, revision)
     click.echo(f"schema pggeolearn at revision {rev}")
 
@@ -117,6 +120,8 @@ def upgrade(ctx: Context, revision: str) -> None:
 @pass_ctx
 def version(ctx: Context) -> None:
     """Print package, schema, PostGIS and PostgreSQL versions."""
+    from pggeolearn.db import schema
+
     click.echo(schema.version_info(ctx.dsn).describe())
 
 
@@ -127,3 +132,16 @@ def dsn(ctx: Context) -> None:
     from pggeolearn.db import resolve_dsn
 
     click.echo(resolve_dsn(ctx.dsn))
+
+
+@db.command()
+@click.argument("replica_dir", type=click.Path(path_type=Path))
+@datadir_option
+def replica(replica_dir: Path, datadir: Path | None) -> None:
+    """Make and start a streaming hot standby of the embedded cluster in REPLICA_DIR, for
+    readers to spread over (GeoStream takes several DSNs). Prints its DSN."""
+    from pggeolearn.db.replica import make_replica
+
+    standby = make_replica(_cluster(datadir), replica_dir)
+    click.echo(f"standby running in {standby.datadir} (read only, streaming from the primary)")
+    click.echo(f"dsn: {standby.dsn()}")

@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import psycopg
-import sqlalchemy as sa
-from alembic import command
-from alembic.config import Config
-from alembic.script import ScriptDirectory
 
 from pggeolearn import __version__, errors
-from pggeolearn.catalog import SCHEMA
 from pggeolearn.db.connect import connect, resolve_dsn
 from pggeolearn.db.errors import first_line
 from pggeolearn.resources import resource_dir, schema_files
+
+if TYPE_CHECKING:  # Alembic and SQLAlchemy cost ~1.5 s to import: only db init/upgrade need them
+    import sqlalchemy as sa
+    from alembic.config import Config
+
+SCHEMA = "pggeolearn"
 
 
 def install_functions(bind: sa.Connection) -> None:
@@ -58,12 +60,16 @@ def drop_superseded(raw: psycopg.Connection) -> list[str]:
 
 
 def _engine(dsn: str | None) -> sa.Engine:
+    import sqlalchemy as sa
+
     target = resolve_dsn(dsn)
     return sa.create_engine("postgresql+psycopg://", creator=lambda: connect(target),
                             poolclass=sa.pool.NullPool)
 
 
 def _config(connection: sa.Connection) -> Config:
+    from alembic.config import Config
+
     cfg = Config()
     cfg.set_main_option("script_location", str(resource_dir("migrations")))
     cfg.attributes["connection"] = connection
@@ -71,6 +77,8 @@ def _config(connection: sa.Connection) -> Config:
 
 
 def head_revision() -> str:
+    from alembic.script import ScriptDirectory
+
     script = ScriptDirectory(str(resource_dir("migrations")))
     return script.get_current_head()
 
@@ -80,6 +88,9 @@ def upgrade(dsn: str | None = None, revision: str = "head") -> str:
 
     ``db init`` and ``db upgrade`` both land here: on an empty database it creates everything.
     """
+    import sqlalchemy as sa
+    from alembic import command
+
     engine = _engine(dsn)
     try:
         with engine.connect() as conn:
@@ -148,8 +159,9 @@ def version_info(dsn: str | None = None) -> VersionInfo:
 def require_schema(conn: psycopg.Connection) -> None:
     """Fail with one line when the schema is not installed in the connected database."""
     found, usage, user = conn.execute(
-        "SELECT to_regnamespace(%s) IS NOT NULL, has_schema_privilege(current_user, %s, 'USAGE')"
-        " OR to_regnamespace(%s) IS NULL, current_user", [SCHEMA, SCHEMA, SCHEMA]).fetchone()
+        "SELECT to_regnamespace(%s) IS NOT NULL, CASE WHEN to_regnamespace(%s) IS NULL THEN true "
+        "ELSE has_schema_privilege(current_user, %s, 'USAGE') END, current_user",
+        [SCHEMA, SCHEMA, SCHEMA]).fetchone()
     if not found:
         raise errors.SchemaError("schema pggeolearn is not installed here (run: pggeolearn db init)")
     if not usage:
