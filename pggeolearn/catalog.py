@@ -140,3 +140,19 @@ changes = Table(
     Column("changed_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
 )
 Index("changes_source_idx", changes.c.source, changes.c.change_id)
+
+chip_scores = Table(  # 0004: evaluate's per-chip scores, for sampling queries (hard examples)
+    "chip_scores",
+    metadata,
+    Column("model", Text, nullable=False),
+    Column("run_id", BigInteger, primary_key=True),
+    Column("dataset", Text, nullable=False),
+    Column("split", Text, nullable=False),
+    Column("tile_id", Integer, primary_key=True),
+    Column("loss", REAL),  # mean cross-entropy over the chip's valid pixels
+    Column("miou", REAL),
+    Column("accuracy", REAL),
+    Column("pixels", BigInteger, nullable=False),  # valid pixels scored
+    Column("scored_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+)
+Index("chip_scores_model_idx", chip_scores.c.model, chip_scores.c.dataset, chip_scores.c.tile_id)

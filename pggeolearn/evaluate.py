@@ -56,6 +56,7 @@ class TileScore:
     accuracy: float = field(compare=False)
     iou: list[float] = field(compare=False)
     pixels: int = field(compare=False)
+    loss: float = field(default=math.nan, compare=False)  # mean cross-entropy of valid pixels
 
 
 @dataclass
@@ -256,7 +257,7 @@ def _run(dsn, p: Predictor, model_name: str, ds, split: str, n: int, run_id: int
         x = np.stack([b[1] for b in batch])
         y = _call_model(p, x, k)
         pred = y.argmax(axis=1).astype(np.uint8)
-        for (tile_id, img, truth, nodata, geom), pr in zip(batch, pred, strict=True):
+        for (tile_id, img, truth, nodata, geom), pr, probs in zip(batch, pred, y, strict=True):
             t = lut[truth]
             if all(v is not None for v in nodata):
                 is_nd = np.all(img == np.asarray(nodata, img.dtype)[:, None, None], axis=0)
@@ -265,7 +266,7 @@ def _run(dsn, p: Predictor, model_name: str, ds, split: str, n: int, run_id: int
             cm += tcm
             iou = metrics.iou_per_class(tcm)
             score = TileScore(metrics.mean_iou(tcm), tile_id, metrics.pixel_accuracy(tcm),
-                              [float(v) for v in iou], int(tcm.sum()))
+                              [float(v) for v in iou], int(tcm.sum()), _loss(probs, t))
             per_tile.append((score, geom))
             if n_worst and math.isfinite(score.miou):
                 item = (-score.miou, -tile_id, (score, _rgb(img, nodata), t, pr))
@@ -307,6 +308,7 @@ def _run(dsn, p: Predictor, model_name: str, ds, split: str, n: int, run_id: int
     if png is not None and worst:
         report.png = _write_png(Path(png), worst, class_ids, names, int(p.tile_px))
     with connect(dsn, application_name="pggeolearn evaluate writer") as w, w.transaction():
+        _write_scores(w, model_name, run_id, ds.name, split, per_tile)
         if layer is not None:
             _write_layer(w, layer, per_tile, p, names, ds.recipe.srid, split, model_name, run_id, publish)
             report.out_layer = f"{layer[0]}.{layer[1]}"
@@ -317,6 +319,31 @@ def _run(dsn, p: Predictor, model_name: str, ds, split: str, n: int, run_id: int
                    "worst": [t.tile_id for t in report.worst], "seconds": round(report.seconds, 3)}
         runs.finish(w, run_id, outputs)
     return report
+
+
+def _loss(probs: np.ndarray, truth: np.ndarray) -> float:
+    """Mean cross-entropy of one chip's valid pixels: ``probs`` (k, H, W), ``truth`` channel ids
+    with IGNORE where left out. NaN when no pixel counts."""
+    valid = truth != IGNORE
+    if not valid.any():
+        return math.nan
+    p_true = np.take_along_axis(probs, np.where(valid, truth, 0)[None].astype(np.int64), 0)[0]
+    return float(-np.log(np.clip(p_true[valid], 1e-7, 1.0)).mean())
+
+
+def _write_scores(w: psycopg.Connection, model: str, run_id: int, dataset: str, split: str,
+                  per_tile: list[tuple[TileScore, bytes]]) -> None:
+    """Every scored chip into pggeolearn.chip_scores, so the next training's sampling query can
+    weigh hard examples (see docs/ml.md)."""
+    def num(v: float) -> float | None:
+        return v if math.isfinite(v) else None
+
+    with w.cursor() as cur:
+        cur.executemany(
+            "INSERT INTO pggeolearn.chip_scores (model, run_id, dataset, split, tile_id, loss, miou, "
+            "accuracy, pixels) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)",
+            [(model, run_id, dataset, split, s.tile_id, num(s.loss), num(s.miou), num(s.accuracy),
+              s.pixels) for s, _ in per_tile])
 
 
 def _write_layer(w: psycopg.Connection, layer: tuple[str, str], per_tile, p: Predictor, names: list[str],

@@ -1,6 +1,7 @@
 """Living datasets: pggeolearn.watches (which source tables a dataset follows),
 pggeolearn.changes (footprints of rows changed in them, written by triggers), and
-chips.band_stats (per-chip band statistics, so dataset statistics need not re-read images).
+chips.band_stats (per-chip band statistics, so dataset statistics need not re-read images),
+pggeolearn.chip_scores (each chip's loss and IoU per model and run: hard-example mining).
 
 Revision ID: 0004
 Revises: 0003
@@ -42,6 +43,24 @@ def upgrade() -> None:
         schema=S,
     )
     op.create_index("changes_source_idx", "changes", ["source", "change_id"], schema=S)
+    op.create_table(
+        "chip_scores",
+        sa.Column("model", sa.Text, nullable=False),
+        sa.Column("run_id", sa.BigInteger, nullable=False),
+        sa.Column("dataset", sa.Text, nullable=False),
+        sa.Column("split", sa.Text, nullable=False),
+        sa.Column("tile_id", sa.Integer, nullable=False),
+        sa.Column("loss", sa.REAL),
+        sa.Column("miou", sa.REAL),
+        sa.Column("accuracy", sa.REAL),
+        sa.Column("pixels", sa.BigInteger, nullable=False),
+        sa.Column("scored_at", sa.DateTime(timezone=True), nullable=False,
+                  server_default=sa.text("now()")),
+        sa.PrimaryKeyConstraint("run_id", "tile_id"),
+        schema=S,
+    )
+    op.create_index("chip_scores_model_idx", "chip_scores", ["model", "dataset", "tile_id"],
+                    schema=S)
     op.add_column("chips", sa.Column("band_stats", sa.dialects.postgresql.ARRAY(sa.Double)),
                   schema=S)
     # chips built before: per band [count, mean, stddev, min, max], NODATA excluded
@@ -55,6 +74,7 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    op.drop_table("chip_scores", schema=S)
     op.drop_column("chips", "band_stats", schema=S)
     op.drop_table("changes", schema=S)
     op.drop_table("watches", schema=S)

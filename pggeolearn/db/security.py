@@ -81,7 +81,9 @@ def install(conn: psycopg.Connection) -> list[str]:
                   # of them, never by their pixels
                   sql.SQL("GRANT SELECT (dataset, tile_id, geom, split, nodata_frac, class_counts, "
                           "recipe_hash, built_at) ON pggeolearn.chips TO {}").format(
-                              sql.Identifier(RECIPE_ROLE))]
+                              sql.Identifier(RECIPE_ROLE)),
+                  sql.SQL("GRANT SELECT ON pggeolearn.chip_scores TO {}").format(
+                      sql.Identifier(RECIPE_ROLE))]
         stmts += [sql.SQL("GRANT USAGE ON SCHEMA {} TO {}").format(sql.Identifier(s), sql.Identifier(RECIPE_ROLE))
                   for (s,) in postgis]
     if READER in have:
@@ -94,7 +96,8 @@ def install(conn: psycopg.Connection) -> list[str]:
                       sql.SQL("GRANT EXECUTE ON FUNCTION {} TO {}").format(sql.SQL(fn), r)]
     if TRAINER in have:
         t = sql.Identifier(TRAINER)
-        stmts += [sql.SQL("GRANT INSERT, UPDATE, DELETE ON pggeolearn.models, pggeolearn.runs TO {}").format(t),
+        stmts += [sql.SQL("GRANT INSERT, UPDATE, DELETE ON pggeolearn.models, pggeolearn.runs, "
+                          "pggeolearn.chip_scores TO {}").format(t),
                   sql.SQL("GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA pggeolearn TO {}").format(t)]
     if MAINTAINER in have:
         m = sql.Identifier(MAINTAINER)

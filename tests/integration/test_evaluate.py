@@ -93,6 +93,15 @@ def test_scores_layer_png_and_run(scene, db_dsn, tmp_path):
     assert status == "done" and outputs["confusion"] == cm.tolist()
     assert outputs["metrics"]["iou"][1] == pytest.approx(iou_b)
 
+    # every chip's scores, for the next training's sampling query (hard examples)
+    scores = {r[0]: r[1:] for r in conn.execute(
+        "SELECT tile_id, miou, loss, pixels, model, split FROM pggeolearn.chip_scores "
+        "WHERE run_id = %s", [rep.run_id])}
+    assert set(scores) == set(by_id) and scores[hidden_tile][3:] == ("brightness", "test")
+    assert scores[hidden_tile][0] == pytest.approx(by_id[hidden_tile][3])
+    assert max(scores, key=lambda t: scores[t][1]) == hidden_tile  # the worst chip costs most
+    assert scores[empty_tile][1] == pytest.approx(0.0, abs=1e-3) and scores[0][2] == PX * PX
+
     if shutil.which("ogrinfo"):
         info = subprocess.run(["ogrinfo", "-so", publish.gdal_connstring(conn, "public.scene_eval"),
                                "public.scene_eval"], capture_output=True, text=True, check=True).stdout
@@ -120,3 +129,24 @@ def test_refusals(scene, db_dsn):
     assert conn.execute("SELECT to_regclass('public.ev2')").fetchone()[0] is None
     runs = conn.execute("SELECT kind, status FROM pggeolearn.runs ORDER BY run_id").fetchall()
     assert runs == [("evaluate", "done"), ("evaluate", "done"), ("evaluate", "failed")]
+
+
+def test_hard_examples_steer_sampling(scene, db_dsn):
+    """evaluate's per-chip loss, read back by a sampling query, makes the hard chips frequent."""
+    from pggeolearn.stream import GeoStream
+
+    conn, _, _ = scene
+    rep = evaluate(db_dsn, BrightnessPredictor(tile_px=PX), dataset="scene", split="test",
+                   progress=False)
+    hard = {r[0] for r in conn.execute(
+        "SELECT tile_id FROM pggeolearn.chip_scores WHERE run_id = %s AND loss > 1", [rep.run_id])}
+    assert hard  # the hidden building and the false roof
+    query = ("SELECT tile_id, 0.05 + loss AS weight FROM pggeolearn.chip_scores "
+             f"WHERE run_id = {rep.run_id}")
+    drawn = []
+    with GeoStream(db_dsn, "scene", split="test", batch_size=4, sampling=query) as s:
+        for epoch in range(5):
+            for batch in s.iter_epoch(epoch):
+                drawn += batch["tile_id"][: len(batch["tile_id"]) - int(batch["pad"])].tolist()
+    share = sum(t in hard for t in drawn) / len(drawn)
+    assert share > 3 * len(hard) / (NCOLS * NROWS)  # far above their share of the split
