@@ -23,9 +23,9 @@ import psycopg
 from psycopg import sql
 
 from pggeolearn import errors
+from pggeolearn.db import usersql
 from pggeolearn.db.errors import db_errors, first_line
 from pggeolearn.db.names import split_table
-from pggeolearn.db import usersql
 from pggeolearn.db.schema import require_schema
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")

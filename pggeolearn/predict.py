@@ -83,10 +83,10 @@ from psycopg.types.json import Jsonb
 from tqdm import tqdm
 
 from pggeolearn import errors, wkb
+from pggeolearn.db import usersql
 from pggeolearn.db.connect import connect
 from pggeolearn.db.errors import db_errors, first_line, translate
 from pggeolearn.db.names import split_table
-from pggeolearn.db import usersql
 from pggeolearn.db.schema import require_schema
 from pggeolearn.resources import sql_text
 

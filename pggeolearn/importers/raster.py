@@ -40,9 +40,9 @@ from rasterio.windows import Window
 from tqdm import tqdm
 
 from pggeolearn import errors, wkb
+from pggeolearn.db import security
 from pggeolearn.db.errors import db_errors, first_line
 from pggeolearn.importers import _common
-from pggeolearn.db import security
 from pggeolearn.resources import sql_text
 
 __all__ = ["ImportReport", "import_raster", "expand_paths"]

@@ -29,9 +29,9 @@ from shapely.geometry import shape
 from tqdm import tqdm
 
 from pggeolearn import errors
+from pggeolearn.db import security
 from pggeolearn.db.errors import db_errors
 from pggeolearn.importers import _common
-from pggeolearn.db import security
 from pggeolearn.resources import sql_text
 
 __all__ = ["VectorImportReport", "import_vector"]
