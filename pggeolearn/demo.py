@@ -70,7 +70,8 @@ def _database(dsn: str | None, say: Callable[[str], None]) -> str:
         status = Cluster.default().up()
         say(f"embedded PostGIS running in {status.datadir}")
     target = resolve_dsn(dsn)
-    schema.upgrade(target)
+    if schema.current_revision(target) != schema.head_revision():  # installing needs its owner
+        schema.upgrade(target)
     return target
 
 

@@ -49,6 +49,7 @@ def pg_admin_dsn(tmp_path_factory) -> str:
 
 USER = "pgl_test_user"  # the pipeline's tests run as this non-superuser (pggeolearn_maintainer)
 ATTACKER = "pgl_test_attacker"  # a colleague who may log in and create in public, nothing more
+READER = "pgl_test_reader"  # made a pggeolearn_reader by the tests that need one
 PASSWORD = "pgl-test-only"
 
 
@@ -60,7 +61,7 @@ def as_role(dsn: str, role: str) -> str:
 def pg_test_roles(pg_admin_dsn) -> None:
     """Login roles (cluster-wide): the pipeline user and an attacker, neither a superuser."""
     with psycopg.connect(pg_admin_dsn, autocommit=True) as conn:
-        for role in (USER, ATTACKER):
+        for role in (USER, ATTACKER, READER):
             if not conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", [role]).fetchone():
                 conn.execute(sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(
                     sql.Identifier(role), sql.Literal(PASSWORD)))

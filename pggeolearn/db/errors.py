@@ -25,6 +25,10 @@ def translate(exc: psycopg.Error, context: str = "") -> errors.PggeolearnError:
     msg = prefix + first_line(exc)
     if isinstance(exc, pge.QueryCanceled):
         return errors.QueryTimeout(msg)
+    if isinstance(exc, pge.InsufficientPrivilege):
+        from pggeolearn.db.usersql import permission_hint
+
+        return errors.PermissionDenied(prefix + (permission_hint(exc) or first_line(exc)))
     if isinstance(exc, pge.DiskFull):
         return errors.DiskFull(msg)
     if isinstance(exc, pge.UndefinedTable | pge.UndefinedObject | pge.InvalidSchemaName):

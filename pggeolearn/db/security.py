@@ -118,6 +118,12 @@ def install(conn: psycopg.Connection) -> list[str]:
                  f"cannot give {fn} to {RECIPE_ROLE}")
         if not superuser:
             _try(conn, sql.SQL("REVOKE CREATE ON SCHEMA pggeolearn FROM {}").format(rr), notes, "revoke")
+    # the chips map view is created by the schema's owner for maintainers
+    _try(conn, "ALTER FUNCTION pggeolearn.chips_map_create(text, text) SECURITY DEFINER", notes, "chips map")
+    _try(conn, "REVOKE EXECUTE ON FUNCTION pggeolearn.chips_map_create(text, text) FROM PUBLIC", notes, "chips map")
+    if MAINTAINER in have:
+        _try(conn, sql.SQL("GRANT EXECUTE ON FUNCTION pggeolearn.chips_map_create(text, text) TO {}").format(
+            sql.Identifier(MAINTAINER)), notes, "chips map")
     # 5. dangerous defaults: large objects work inside READ ONLY transactions
     for fn in _lo_signatures(conn):
         _try(conn, sql.SQL("REVOKE EXECUTE ON FUNCTION {} FROM PUBLIC").format(sql.SQL(fn)), notes,

@@ -167,22 +167,37 @@ def check_buffer(value: float, where: str) -> None:
             f"0..{MAX_BUFFER_M:g}")
 
 
+_CATALOG_LEVEL = {"models": "trainer", "runs": "trainer", "datasets": "maintainer",
+                  "chips": "maintainer"}
+
+
 def permission_hint(exc: BaseException, user: str | None = None) -> str | None:
     """For a 'permission denied' error, one line naming the privilege and the GRANT that fixes it."""
-    msg = str(exc).splitlines()[0] if str(exc) else ""
     if getattr(exc, "sqlstate", None) != "42501":
         return None
+    msg = str(exc).splitlines()[0] if str(exc) else "permission denied"
+    if user is None:
+        pgconn = getattr(exc, "pgconn", None)
+        try:
+            user = pgconn.user.decode() if pgconn is not None and pgconn.user else None
+        except Exception:  # noqa: BLE001 - only a nicer message
+            user = None
     who = user or "<your role>"
     low = msg.lower()
+    obj = msg.rsplit(" ", 1)[-1].strip('"')
     if "schema pggeolearn" in low:
-        return (f"{msg} (a DBA fixes it: GRANT pggeolearn_reader TO {who}; or run "
-                f"pggeolearn roles grant reader {who})")
-    if "for table" in low or "for view" in low or "for sequence" in low:
-        obj = msg.rsplit(" ", 1)[-1]
-        if "permission denied for" in low and obj and "pggeolearn" not in low:
-            return (f"{msg} (recipe SQL runs as {RECIPE_ROLE}: pggeolearn grant {obj}, or "
-                    f"GRANT SELECT ON {obj} TO {RECIPE_ROLE})")
-        return f"{msg} (a DBA fixes it: GRANT pggeolearn_maintainer TO {who})"
-    if "set role" in low or f'role "{RECIPE_ROLE}"' in low:
-        return f"{msg} (a DBA fixes it: GRANT {RECIPE_ROLE} TO {who})"
-    return None
+        return f"{msg} (a DBA fixes it: GRANT pggeolearn_reader TO {who})"
+    if ("for table" in low or "for view" in low) and obj in _CATALOG_LEVEL:
+        return f"{msg} (a DBA fixes it: GRANT pggeolearn_{_CATALOG_LEVEL[obj]} TO {who})"
+    if "for sequence" in low:
+        return f"{msg} (a DBA fixes it: GRANT pggeolearn_trainer TO {who})"
+    if "for function" in low and obj in ("image_tile", "label_tile", "recipe_rows"):
+        return f"{msg} (a DBA fixes it: GRANT pggeolearn_reader TO {who})"
+    if "for table" in low or "for view" in low:
+        return (f"{msg} (recipe SQL runs as {RECIPE_ROLE}; a DBA fixes it: pggeolearn grant "
+                f"SCHEMA.{obj}, i.e. GRANT SELECT ON SCHEMA.{obj} TO {RECIPE_ROLE})")
+    if "for schema" in low:
+        return f"{msg} (a DBA fixes it: GRANT USAGE ON SCHEMA {obj} TO {who}, or CREATE to write there)"
+    if "for database" in low or "create schema" in low:
+        return f"{msg} (a DBA fixes it: GRANT CREATE ON DATABASE {obj} TO {who}, or name an existing schema)"
+    return f"{msg} (the connected role {who} lacks it; see README \"Security of recipe SQL\")"

@@ -17,7 +17,7 @@ import numpy as np
 import psycopg
 import pytest
 from click.testing import CliRunner
-from conftest import _clone, _drop, _with_dbname
+from conftest import USER, _clone, _drop, _with_dbname, as_role
 from PIL import Image
 
 from pggeolearn import datasets, errors, wkb
@@ -143,7 +143,7 @@ def chips_template_dsn(pg_admin_dsn, template_dsn) -> str:
     no statistics), built once; every test gets its own clone (see ``chips_dsn``)."""
     name = _clone(pg_admin_dsn, template_dsn)
     dsn = _with_dbname(pg_admin_dsn, name)
-    with psycopg.connect(dsn, autocommit=True) as c:
+    with psycopg.connect(as_role(dsn, USER), autocommit=True) as c:  # the non-superuser pipeline role
         make_chip_dataset(c, "tiny")
         make_chip_dataset(c, "big", px=BIG_PX, stats=False)
     yield dsn
@@ -153,7 +153,7 @@ def chips_template_dsn(pg_admin_dsn, template_dsn) -> str:
 @pytest.fixture
 def chips_dsn(pg_admin_dsn, chips_template_dsn) -> str:
     name = _clone(pg_admin_dsn, chips_template_dsn)
-    yield _with_dbname(pg_admin_dsn, name)
+    yield as_role(_with_dbname(pg_admin_dsn, name), USER)
     _drop(pg_admin_dsn, name)
 
 

@@ -121,7 +121,7 @@ def test_recipe_reads_what_the_dba_grants(conn, admin_conn, data):
 
 # -- search_path: a "$user" schema and a public shadow never run -------------------------------
 
-def test_user_schema_and_public_shadow_never_run(conn, admin_db_dsn, data):
+def test_user_schema_and_public_shadow_never_run(conn, admin_db_dsn, data, tmp_path):
     # the attacker gets a schema named like the pipeline's login role ("$user")
     with psycopg.connect(admin_db_dsn, autocommit=True) as admin:
         admin.execute(f"CREATE SCHEMA {USER} AUTHORIZATION {ATTACKER}")
@@ -150,6 +150,28 @@ def test_user_schema_and_public_shadow_never_run(conn, admin_db_dsn, data):
     with GeoStream(conn.info.dsn and as_role(admin_db_dsn, USER), ds.name, split="all",
                    batch_size=2, shuffle=False, normalize=False) as s:
         assert sum(len(b["tile_id"]) for b in s) > 0
+    # import and predict (a model that needs no framework) under the same planted functions
+    import sys
+    from pathlib import Path
+
+    import numpy as np
+    import rasterio
+
+    from pggeolearn import predict
+    from pggeolearn.importers import import_raster
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration"))
+    from test_predict import BrightnessPredictor
+
+    tif = tmp_path / "img.tif"
+    with rasterio.open(tif, "w", driver="GTiff", width=64, height=64, count=3, dtype="uint8", crs="EPSG:3857",
+                       transform=rasterio.transform.from_origin(UL[0], UL[1], 1.0, 1.0)) as dst:
+        dst.write(np.full((3, 64, 64), 200, np.uint8))
+    import_raster(conn, [tif], "public.img2", progress=False)
+    rep = predict.predict(as_role(admin_db_dsn, USER), BrightnessPredictor(resolution=1.0, tile_px=32),
+                          out="public.pred", imagery="public.img2", extent=EXTENT, tile_px=32,
+                          progress=False)
+    assert rep.tiles >= 1
     with psycopg.connect(admin_db_dsn, autocommit=True) as admin:
         assert admin.execute("SELECT count(*) FROM public.hits").fetchone()[0] == 0
         assert not admin.execute(f"SELECT rolsuper FROM pg_roles WHERE rolname = '{ATTACKER}'").fetchone()[0]
@@ -235,3 +257,26 @@ def test_role_without_privileges_gets_one_line(admin_db_dsn, data, capsys):
         err = capsys.readouterr().err
         assert "Traceback" not in err
         assert err.count("\n") == 1 and "GRANT pggeolearn_" in err, (args, err)
+
+
+def test_least_privilege_roles(conn, admin_conn, admin_db_dsn, data, capsys):
+    """reader: show and stream, no dataset/chips writes; each refusal names the GRANT."""
+    from pggeolearn.cli.main import main
+    from pggeolearn.stream import GeoStream
+
+    datasets.create(conn, recipe())
+    chips.build(conn, "sec", progress=False)
+    security.grant_role(admin_conn, "reader", "pgl_test_reader")
+    reader = as_role(admin_db_dsn, "pgl_test_reader")
+    with psycopg.connect(reader, autocommit=True) as rconn:
+        assert datasets.get(rconn, "sec").n_tiles == 4
+    with GeoStream(reader, "sec", split="all", batch_size=4, shuffle=False, normalize=False) as s:
+        assert sum(len(b["tile_id"]) for b in s) >= 1
+    with GeoStream.live(reader, "sec", batch_size=4, shuffle=False, normalize=False) as s:
+        assert sum(len(b["tile_id"]) for b in s) == 4
+    for args, grant in ((["chips", "build", "sec", "--force"], "GRANT pggeolearn_maintainer TO"),
+                        (["dataset", "drop", "sec", "--yes"], "GRANT pggeolearn_maintainer TO")):
+        with pytest.raises(SystemExit):
+            main(["--dsn", reader, *args])
+        err = capsys.readouterr().err
+        assert grant in err and err.count("\n") == 1 and "Traceback" not in err, (args, err)
