@@ -37,7 +37,7 @@ def _register() -> None:
     from pggeolearn.cli import db
 
     cli.add_command(db.db)
-    for name in ("imports", "datasets", "chips", "stream", "train", "predict", "demo"):
+    for name in ("imports", "datasets", "chips", "stream", "train", "predict", "runs", "demo"):
         try:
             module = __import__(f"pggeolearn.cli.{name}", fromlist=["commands"])
         except ModuleNotFoundError as exc:
