@@ -38,7 +38,7 @@ def _register() -> None:
 
     cli.add_command(db.db)
     cli.add_command(db.grant)
-    for name in ("imports", "datasets", "chips", "stream", "train", "predict", "qgis", "demo"):
+    for name in ("imports", "datasets", "chips", "stream", "train", "predict", "runs", "qgis", "demo"):
         try:
             module = __import__(f"pggeolearn.cli.{name}", fromlist=["commands"])
         except ModuleNotFoundError as exc:

@@ -254,3 +254,18 @@ def test_resume_onto_another_dataset_or_recipe_needs_force(db_dsn, conn):
         train(db_dsn, "one", "m", epochs=2, resume=True, progress=False)
     report = train(db_dsn, "other", "m", epochs=2, resume=True, force=True, progress=False)
     assert report.resumed_from == 1 and any("--force" in n for n in report.notes)
+
+
+def test_runs_command_lists_runs_and_marks_the_dead_failed(db_dsn):
+    from click.testing import CliRunner
+
+    from pggeolearn.cli.main import cli
+
+    runner = CliRunner()
+    assert runner.invoke(cli, ["--dsn", db_dsn, "runs"]).output == "no runs yet\n"
+    dead = runs.Run.start(db_dsn, "train", model="m", dataset="d")
+    dead.close()
+    result = runner.invoke(cli, ["--dsn", db_dsn, "runs", "--model", "m"])
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith(f"run {dead.run_id}: train m on d, started ")
+    assert "failed: lost: the process running it ended without finishing" in result.output
