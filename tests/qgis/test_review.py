@@ -74,6 +74,11 @@ def test_new_missing_changed(run, tmp_path):
     lon, lat = f["geometry"]["coordinates"][0][0][0]
     assert 85.5 < lon < 85.6 and 27.5 < lat < 27.7
     assert review.export(conn, "public.pred_review", out, kinds=["missing"], statuses=["todo"]) == 1
+    # where the model saw no imagery (no class raster tile), a mapped building is not "missing"
+    x0, y0, x1, y1 = box(*HIDDEN)
+    conn.execute("DELETE FROM public.pred WHERE ST_Intersects(ST_ConvexHull(rast),"
+                 " ST_MakeEnvelope(%s, %s, %s, %s, 3857))", [x0, y0, x1, y1])
+    assert review.review(conn, run_id, "public.buildings", out="public.r3").counts.get("missing", 0) == 0
 
 
 def test_refusals(run, tmp_path):
