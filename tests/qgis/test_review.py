@@ -5,8 +5,6 @@ dataset's project; the commands a mapper types."""
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import sys
 from pathlib import Path
 
@@ -26,8 +24,6 @@ from test_evaluate import scene as scene  # noqa: E402, F401  (the fixture)
 from test_predict import RES, UL, BrightnessPredictor  # noqa: E402
 
 from pggeolearn import predict  # noqa: E402
-
-DOCS = Path(__file__).resolve().parents[2] / "docs"
 
 
 def box(r0, r1, c0, c1) -> list[float]:
@@ -142,5 +138,3 @@ def test_qgis_opens_the_review_layer_styled_and_editable(run, tmp_path):
     assert lyr["valid"] and lyr["editable"] and lyr["widgets"] == {"status": "ValueMap"}
     assert lyr["renderer"] == "categorizedSymbol" and lyr["renders"]["4"] > 0
     assert rep["project_render"] > 0
-    if os.environ.get("PGGEOLEARN_WRITE_DOCS") == "1":  # refresh the screenshot of docs/qgis.md
-        shutil.copy(tmp_path / "project.png", DOCS / "qgis-project.png")
