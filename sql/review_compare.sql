@@ -2,8 +2,9 @@
 -- table (e.g. osm2pgsql's planet_osm_polygon) inside the run's extent, in the prediction's CRS.
 -- Two shapes "overlap" when their interiors share area (touching is not overlapping).
 -- new: a predicted object overlapping no map feature; changed: one whose IoU with the union
--- of the map features it overlaps is below %(iou)s; missing: a map feature no predicted object
--- overlaps. Matched objects (IoU >= threshold) are not listed.
+-- of the map features it overlaps is below %(iou)s; missing: a map feature under the predicted
+-- class raster's tiles (where the model saw imagery) that no predicted object overlaps. Matched
+-- objects (IoU >= threshold) are not listed.
 WITH area AS (
     SELECT ST_Transform(extent, %(map_srid)s) AS g FROM pggeolearn.runs WHERE run_id = %(run_id)s
 ), m AS (
@@ -33,4 +34,6 @@ SELECT 'missing', NULL, NULL, ST_Area(ST_Transform(m.geom, 4326)::geography), NU
        %(run_id)s, m.geom
 FROM m
 WHERE NOT ST_IsEmpty(m.geom)
+  AND EXISTS (SELECT 1 FROM {cls} AS c
+              WHERE ST_ConvexHull(c.rast) && m.geom AND ST_Intersects(ST_ConvexHull(c.rast), m.geom))
   AND NOT EXISTS (SELECT 1 FROM p WHERE p.geom && m.geom AND ST_Relate(p.geom, m.geom, '2********'))

@@ -102,10 +102,11 @@ def review(conn: psycopg.Connection, run_id: int, against: str, *, out: str | No
         raise errors.NotBuilt(f"run {run_id} has no polygon output (status {row[1]}; predict without "
                               "--no-polygons writes one)")
     polygons, srid, model = row[2], row[3], row[4]
-    if conn.execute("SELECT to_regclass(%s)", [polygons]).fetchone()[0] is None:
-        raise errors.NotFound(f"the objects of run {run_id}, {polygons}, no longer exist")
+    for t in (polygons, row[5]):
+        if not t or conn.execute("SELECT to_regclass(%s)", [t]).fetchone()[0] is None:
+            raise errors.NotFound(f"the outputs of run {run_id} ({polygons}, {row[5]}) no longer exist")
     ps, pn = split_table(polygons)
-    cs, cn = split_table(row[5] or polygons)
+    cs, cn = split_table(row[5])
     target = split_table(out, ps) if out else (cs, f"{cn}_review")
     if len(target[1].encode()) > 63:
         raise errors.ConfigError(f"table name {target[1]!r} is longer than 63 bytes: pass --out")
@@ -129,7 +130,7 @@ def review(conn: psycopg.Connection, run_id: int, against: str, *, out: str | No
             conn.execute(sql.SQL("DROP TABLE {}").format(ident))
         conn.execute(sql.SQL(sql_text("review_table")).format(table=ident, srid=sql.Literal(srid)))
         conn.execute(sql.SQL(sql_text("review_compare")).format(
-            table=ident, pred=sql.Identifier(ps, pn), map=sql.Identifier(ms, mn),
+            table=ident, pred=sql.Identifier(ps, pn), cls=sql.Identifier(cs, cn), map=sql.Identifier(ms, mn),
             map_geom=sql.Identifier(map_geom), map_key=sql.SQL(key)),
             {"run_id": run_id, "srid": srid, "map_srid": map_srid, "iou": iou, "class_ids": class_ids})
         report.counts = dict(conn.execute(sql.SQL("SELECT kind, count(*) FROM {} GROUP BY 1").format(ident)

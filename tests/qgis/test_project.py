@@ -16,7 +16,7 @@ from qgis_helpers import needs_qgis, probe
 
 from pggeolearn import errors
 from pggeolearn.qgis import project as qproject
-from pggeolearn.qgis.uris import project_uri
+from pggeolearn.qgis.uris import layer_uri, project_uri
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration"))
 from test_evaluate import PX  # noqa: E402
@@ -106,6 +106,30 @@ def test_qgis_opens_the_stored_project(outputs, tmp_path):
     for name, lyr in layers.items():
         assert all(lyr["renders"][k] > 0 for k in ("1", "4", "16")), (name, lyr["renders"])
     assert rep["project_render"] > 0
+
+
+@needs_qgis
+def test_qgis_opens_every_output_with_its_default_style(outputs, tmp_path):
+    """Each output added by hand, as the Browser adds it (geometry type in the URI): valid,
+    default style from public.layer_styles, drawn at 1, 1/4 and 1/16."""
+    conn = outputs
+    vectors = {"results.scene_pred_polygons": ("MultiPolygon", "categorizedSymbol"),
+               "results.scene_eval": ("Polygon", "graduatedSymbol")}
+    layers = [{"name": t, "provider": "postgres", "uri": layer_uri(conn, t, geometry_type=g, srid=3857,
+                                                                   key="tile_id" if "eval" in t else "id")}
+              for t, (g, _) in vectors.items()]
+    layers += [{"name": t, "provider": "postgresraster", "uri": layer_uri(conn, t, raster=True)}
+               for t in ("results.scene_pred", "results.scene_pred_prob")]
+    rep = probe({"layers": layers, "factors": [1, 4, 16]}, tmp_path)
+    got = {lyr["name"]: lyr for lyr in rep["layers"]}
+    assert all(lyr["valid"] for lyr in got.values())
+    for t, (_, renderer) in vectors.items():
+        assert got[t]["renderer"] == renderer
+    # QGIS < 3.42 ignores raster styles in layer_styles (the project carries them instead)
+    major, minor = (int(v) for v in rep["qgis"].split(".")[:2])
+    assert got["results.scene_pred"]["renderer"] == ("paletted" if (major, minor) >= (3, 42) else "singlebandgray")
+    for name, lyr in got.items():
+        assert all(lyr["renders"][k] > 0 for k in ("1", "4", "16")), (name, lyr["renders"])
 
 
 def test_project_uri_and_metadata_as_qgis_writes_them(outputs):
