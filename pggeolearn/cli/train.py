@@ -50,11 +50,17 @@ from pggeolearn.db import connect
               help="With --resume: continue on another dataset or a changed recipe.")
 @click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write loss and IoU curves per epoch to this PNG.")
+@click.option("--sampling", metavar="SQL", default=None,
+              help="SQL returning (tile_id, weight) over the chip store: each epoch draws train "
+                   "chips by weight, e.g. hard examples from pggeolearn.chip_scores.")
+@click.option("--read-dsn", "read_dsns", multiple=True, metavar="DSN",
+              help="Stream chips from this server (repeat: a primary and its read replicas; "
+                   "checkpoints and the model still go to --dsn).")
 @click.option("--progress/--no-progress", default=True, help="Show progress bars.")
 @pass_ctx
 def train(ctx: Context, dataset: str, model_name: str, framework, epochs, batch_size, lr, schedule,
           device, seed, resume, width, depth, stem_stride, class_weights, augment, patience,
-          time_limit, overwrite, force, plot, progress) -> None:
+          time_limit, overwrite, force, plot, sampling, read_dsns, progress) -> None:
     """Train a U-Net on DATASET's train split straight from the database, validate it on the
     spatially held-out val split every epoch, and store the best epoch as model NAME.
 
@@ -66,7 +72,8 @@ def train(ctx: Context, dataset: str, model_name: str, framework, epochs, batch_
         lr=lr, schedule=schedule, device=device, seed=seed, resume=resume, width=width,
         depth=depth, stem_stride=int(stem_stride) if stem_stride else None,
         class_weights=class_weights, augment=augment, patience=patience,
-        time_limit_min=time_limit, overwrite=overwrite, force=force, plot=plot, progress=progress)
+        time_limit_min=time_limit, overwrite=overwrite, force=force, plot=plot, progress=progress,
+        sampling=sampling, read_dsns=tuple(read_dsns))
     click.echo(str(report))
     if report.interrupted:
         sys.exit(130)

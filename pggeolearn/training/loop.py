@@ -28,7 +28,9 @@ Only numpy and the database are imported here; the framework module is imported 
 from __future__ import annotations
 
 import io
+import itertools
 import json
+import logging
 import math
 import re
 import time
@@ -52,12 +54,14 @@ from pggeolearn.training.registry import Architecture, ModelRecord
 __all__ = ["EarlyStopping", "TrainOptions", "TrainReport", "class_weights", "label_lut", "lr_at",
            "parse_device", "train"]
 
+log = logging.getLogger(__name__)
 DEVICE_RE = re.compile(r"^(auto|cpu|gpu)(?::(\d+(?:,\d+)*))?$")
 NAME_RE = datasets.NAME_RE
 SCHEDULES = ("cosine", "step", "constant")
 FRAMEWORKS = ("mxnet", "torch")
 MAX_WEIGHT_RATIO = 10.0  # the rarest class weighs at most 10x the most common
 MIN_LR_FRACTION = 0.01
+DATA_WAIT_WARN = 0.05  # an epoch that waits longer than this share of its time for chips warns
 CHECKPOINT_FORMAT = "pggeolearn-checkpoint/1"
 DEFAULTS = {"framework": "mxnet", "width": 16, "depth": 3, "stem_stride": 2, "batch_size": 8,
             "lr": 1e-3, "schedule": "cosine", "seed": 0, "class_weights": True, "augment": True,
@@ -219,6 +223,8 @@ class TrainOptions:
     plot: str | Path | None = None
     progress: bool = True
     on_epoch: Callable[[dict[str, Any]], None] | None = None  # called after every epoch
+    sampling: str | None = None  # SQL (tile_id, weight) over the chip store: weighted train epochs
+    read_dsns: tuple[str, ...] = ()  # stream chips from these servers (primary + replicas)
 
     def resolved(self, stored: dict[str, Any] | None = None) -> TrainOptions:
         """A copy with every None filled from ``stored`` (a checkpoint's) or the defaults."""
@@ -298,13 +304,14 @@ class TrainReport:
     def epoch_table(self) -> str:
         names = [self.classes[k] for k in sorted(self.classes)]
         headers = ["epoch", "lr", "train loss", "val loss", "val mIoU"] + [f"IoU {n}" for n in names] \
-            + ["seconds"]
+            + ["seconds", "data wait"]
         rows = []
         for h in self.history:
             mark = "*" if h["epoch"] == self.best_epoch else ""
             rows.append([f"{h['epoch']}{mark}", f"{h['lr']:.2e}", M._fmt(h["train_loss"], 4),
                          M._fmt(h["val"]["loss"], 4), M._fmt(h["val"]["miou"])]
-                        + [M._fmt(v) for v in h["val"]["iou"]] + [f"{h['seconds']:.1f}"])
+                        + [M._fmt(v) for v in h["val"]["iou"]] + [f"{h['seconds']:.1f}"]
+                        + [f"{100 * h['data_wait']:.1f} %" if "data_wait" in h else "-"])
         return M.text_table(headers, rows)
 
     def summary_table(self) -> str:
@@ -603,17 +610,21 @@ class _Training:
                         p = max(p, (time.perf_counter() - t_start) / limit_s)
                     return p
 
-                train_loss, lr = self._train_epoch(epoch, progress)
+                train_loss, lr, data_wait = self._train_epoch(epoch, progress)
                 val = self._validate(epoch)
                 record = {"epoch": epoch + 1, "lr": lr, "train_loss": train_loss,
-                          "val": val.to_json(), "seconds": time.perf_counter() - t0}
+                          "val": val.to_json(), "seconds": time.perf_counter() - t0,
+                          "data_wait": data_wait}
+                if data_wait > DATA_WAIT_WARN:
+                    self._warn_data_wait(epoch + 1, data_wait)
                 history.append(record)
                 improved = stopper.update(val.miou)
                 if improved:
                     best_weights = model.get_weights()
                 if o.progress:
                     tqdm.write(f"epoch {epoch + 1}/{o.epochs}: train loss {train_loss:.4f}, val loss "
-                               f"{val.loss:.4f}, val mIoU {val.miou:.3f}, {record['seconds']:.1f} s"
+                               f"{val.loss:.4f}, val mIoU {val.miou:.3f}, {record['seconds']:.1f} s, "
+                               f"data wait {100 * data_wait:.1f} %"
                                + (" (best)" if improved else ""))
                 report.best_epoch = stopper.best_epoch
                 self._checkpoint(run_id, {**stopper.state(), "history": history}, best_weights)
@@ -660,18 +671,34 @@ class _Training:
                                        best_epoch=best_epoch)
         return report
 
-    def _train_epoch(self, epoch: int, progress: Callable[[int], float]) -> tuple[float, float]:
+    @property
+    def _read_dsn(self) -> str | Sequence[str] | None:
+        """Where the chips stream from: the read replicas given, else the training's server."""
+        return list(self.opts.read_dsns) if self.opts.read_dsns else self.dsn
+
+    def _train_epoch(self, epoch: int, progress: Callable[[int], float]) -> tuple[float, float, float]:
+        """One epoch of training: ``(mean loss, last lr, data wait)``, the data wait being the
+        share of the epoch's wall time spent waiting for the next batch."""
         o, model = self.opts, self.model
         total, n, lr = 0.0, 0, lr_at(o.schedule, o.lr, progress(0))
-        batches = model.batches(self.dsn, self.ds.name, "train", batch_size=o.batch_size, shuffle=True,
-                                augment=o.augment, seed=o.seed, epoch=epoch)
+        waited, started = 0.0, time.perf_counter()
+        batches = model.batches(self._read_dsn, self.ds.name, "train", batch_size=o.batch_size,
+                                shuffle=True, augment=o.augment, seed=o.seed, epoch=epoch,
+                                **({"sampling": o.sampling} if o.sampling else {}))
         bar = tqdm(batches, total=math.ceil(self.counts["train"] / o.batch_size),
                    desc=f"epoch {epoch + 1}/{o.epochs} train", unit="batch", leave=False,
                    disable=not o.progress, dynamic_ncols=True)
         try:
-            for step, (images, labels, pad) in enumerate(bar):
+            it = iter(bar)
+            for step in itertools.count():
+                t = time.perf_counter()
+                item = next(it, None)
+                waited += time.perf_counter() - t
+                if item is None:
+                    break
+                images, labels, pad = item
                 lr = lr_at(o.schedule, o.lr, progress(step))
-                loss = model.train_step(images, labels, pad, lr, self.weights)
+                loss = model.train_step(images, labels, pad, lr, self.weights)  # synchronous
                 total += loss
                 n += 1
                 bar.set_postfix(loss=f"{total / n:.4f}", lr=f"{lr:.1e}", refresh=False)
@@ -680,14 +707,25 @@ class _Training:
             close = getattr(batches, "close", None)
             if close is not None:
                 close()
-        return (total / n if n else math.nan), lr
+        elapsed = time.perf_counter() - started
+        return (total / n if n else math.nan), lr, (waited / elapsed if elapsed > 0 else 0.0)
+
+    def _warn_data_wait(self, epoch: int, share: float) -> None:
+        """Once per run: training waited for data more than it should (stored per epoch)."""
+        if any(n.startswith("data wait") for n in self.notes):
+            return
+        self.notes.append(
+            f"data wait {100 * share:.0f} % of epoch {epoch} (above {100 * DATA_WAIT_WARN:.0f} %): the "
+            "model waits for chips; stream from more servers (--read-dsn) or a closer one, or "
+            "raise --batch-size")
+        log.warning(self.notes[-1])
 
     def _validate(self, epoch: int) -> M.Scores:
         o, model = self.opts, self.model
         cm = np.zeros((self.num_classes, self.num_classes), np.int64)
         loss_sum = w_sum = 0.0
-        batches = model.batches(self.dsn, self.ds.name, "val", batch_size=o.batch_size, shuffle=False,
-                                augment=False, seed=o.seed, epoch=0)
+        batches = model.batches(self._read_dsn, self.ds.name, "val", batch_size=o.batch_size,
+                                shuffle=False, augment=False, seed=o.seed, epoch=0)
         bar = tqdm(batches, total=math.ceil(self.counts["val"] / o.batch_size),
                    desc=f"epoch {epoch + 1}/{o.epochs} val", unit="batch", leave=False,
                    disable=not o.progress, dynamic_ncols=True)

@@ -210,13 +210,14 @@ class MxModel:
                                          update_on_kvstore=False)
 
     # -- data ------------------------------------------------------------------------------
-    def batches(self, dsn: str | None, dataset: str, split: str, *, batch_size: int, shuffle: bool,
-                augment: bool, seed: int, epoch: int) -> Iterator[tuple[Any, Any, int]]:
+    def batches(self, dsn: str | Sequence[str] | None, dataset: str, split: str, *, batch_size: int,
+                shuffle: bool, augment: bool, seed: int, epoch: int,
+                **stream: Any) -> Iterator[tuple[Any, Any, int]]:
         """``(images, labels, pad)`` of one epoch through :class:`~pggeolearn.mxnet.GeoIter`,
-        normalized on the first context."""
+        normalized on the first context; ``stream``: more GeoStream options (``sampling``)."""
         it = GeoIter(dsn, dataset, split=split, batch_size=batch_size, ctx=self.ctx[0],
                      shuffle=shuffle, seed=seed, epoch=epoch, last_batch="pad",
-                     augment=augment, normalize=self._norm_arg(), label_dtype="float32")
+                     augment=augment, normalize=self._norm_arg(), label_dtype="float32", **stream)
         lut = None if self.label_lut is None else mx.nd.array(self.label_lut, ctx=self.ctx[0])
         try:
             for batch in it:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import io
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -174,13 +174,14 @@ class TorchModel:
         return x.contiguous(memory_format=torch.channels_last)
 
     # -- data ------------------------------------------------------------------------------
-    def batches(self, dsn: str | None, dataset: str, split: str, *, batch_size: int, shuffle: bool,
-                augment: bool, seed: int, epoch: int) -> Iterator[tuple[Any, Any, int]]:
+    def batches(self, dsn: str | Sequence[str] | None, dataset: str, split: str, *, batch_size: int,
+                shuffle: bool, augment: bool, seed: int, epoch: int,
+                **stream: Any) -> Iterator[tuple[Any, Any, int]]:
         """``(images, labels, pad)`` of one epoch through :func:`pggeolearn.torch.make_loader`,
-        normalized on the device."""
+        normalized on the device; ``stream``: more GeoStream options (``sampling``)."""
         loader = make_loader(dsn, dataset, split=split, batch_size=batch_size, epoch=epoch,
                              shuffle=shuffle, seed=seed, augment=augment, last_batch="pad",
-                             normalize=False, pin_memory=self.dev.type == "cuda")
+                             normalize=False, pin_memory=self.dev.type == "cuda", **stream)
         lut = None if self.label_lut is None else torch.as_tensor(self.label_lut, device=self.dev).long()
         for batch in loader:
             label = batch["label"].to(self.dev, non_blocking=True).long()

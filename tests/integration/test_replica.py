@@ -67,3 +67,17 @@ def test_standby_streams_chips_built_on_the_primary(pair):
     with GeoStream(p_dsn, "small") as whole:
         assert sorted(seen) == sorted(whole.ids.tolist())
     assert set(seen.values()) == {1}
+
+
+def test_training_streams_from_the_standby(pair):
+    from pggeolearn.training import registry, train
+
+    primary, standby = pair
+    p_dsn, s_dsn = primary.dsn("pggeolearn"), standby.dsn("pggeolearn")
+    chips.build(p_dsn, "small", progress=False)
+    wait_for_replay(p_dsn, s_dsn)
+    report = train(p_dsn, "small", "from-standby", epochs=1, width=4, depth=1, batch_size=4,
+                   read_dsns=(s_dsn,), progress=False)
+    assert report.saved and report.history[0]["train_loss"] > 0
+    with psycopg.connect(p_dsn) as conn:  # the model and its run are on the primary
+        assert registry.exists(conn, "from-standby")

@@ -128,6 +128,8 @@ def test_train_learns_saves_and_reloads_identically(db_dsn, rects, tmp_path):
     text = str(report)
     assert "model (epoch" in text and "all background" in text and "IoU class1" in text
     assert (tmp_path / "curves.png").stat().st_size > 2000
+    # the share of each epoch spent waiting for chips is measured and shown
+    assert all(0.0 <= h["data_wait"] < 1.0 for h in report.history) and "data wait" in text
 
     # the run row: done, with a checkpoint and the per-epoch metrics
     [(run_id, status, has_ckpt, error)] = runs(conn, "m1")
@@ -149,6 +151,18 @@ def test_train_learns_saves_and_reloads_identically(db_dsn, rects, tmp_path):
             assert probs.shape == (n, 2, PX, PX) and probs.dtype == np.float32
             cm += M.confusion_matrix(probs.argmax(1), batch["label"][:n], 2)
     assert M.mean_iou(cm) == report.best.miou
+
+
+def test_sampling_query_decides_what_training_sees(db_dsn, rects):
+    conn = rects
+    few = ("SELECT tile_id, 1 AS weight FROM pggeolearn.chips WHERE dataset = 'rects' "
+           "AND split = 'train' ORDER BY tile_id LIMIT 2")
+    a = train(db_dsn, "rects", "all", epochs=1, seed=3, **TINY)
+    b = train(db_dsn, "rects", "few", epochs=1, seed=3, sampling=few, **TINY)
+    assert b.history[0]["train_loss"] != a.history[0]["train_loss"]
+    with pytest.raises(errors.ConfigError, match="sampling query fails"):
+        train(db_dsn, "rects", "bad", epochs=1, sampling="SELECT 1", **TINY)
+    assert not registry.exists(conn, "bad")
 
 
 def test_same_seed_same_metrics_mxnet(db_dsn, rects):
