@@ -17,7 +17,16 @@ from psycopg import sql
 from pggeolearn.db import cluster as cl
 from pggeolearn.db import schema
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+def _shared_data() -> Path:
+    """The real data: $PGGEOLEARN_DATA, else shared/data inside the checkout, else beside it."""
+    repo = Path(__file__).resolve().parents[1]
+    candidates = [Path(os.environ["PGGEOLEARN_DATA"])] if os.environ.get("PGGEOLEARN_DATA") else []
+    candidates += [repo / "shared" / "data", repo.parent / "shared" / "data"]
+    return next((c for c in candidates if c.is_dir()), candidates[-1])
+
+
+SHARED_DATA = _shared_data()
 
 
 @contextlib.contextmanager

@@ -33,7 +33,7 @@ from pathlib import Path
 import psycopg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import SHARED_DATA, cores_free, print_table, scratch_database  # noqa: E402
+from _common import SHARED_DATA, conditions, cores_free, print_table, scratch_database  # noqa: E402
 
 from pggeolearn import chips, datasets, importers  # noqa: E402
 from pggeolearn.synthetic import make_scene  # noqa: E402
@@ -165,6 +165,7 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=4096, help="synthetic scene size in pixels")
     ap.add_argument("--writes", type=int, default=512, help="rasters per write test")
     args = ap.parse_args()
+    print(conditions())  # commit, cores, cores free, load: beside every table
     rows: list[list[object]] = []
     notes: list[str] = [f"two busy processes got {cores_free():.2f} cores before the builds "
                         f"(2.00 on an idle 2-core machine)"]

@@ -28,7 +28,7 @@ from affine import Affine
 from rasterio.features import rasterize
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import SHARED_DATA, print_table, scratch_database  # noqa: E402
+from _common import SHARED_DATA, conditions, print_table, scratch_database  # noqa: E402
 
 from pggeolearn import datasets  # noqa: E402
 from pggeolearn.importers import import_raster, import_vector  # noqa: E402
@@ -129,6 +129,7 @@ def main() -> None:
     ap.add_argument("--tiles", type=int, default=32)
     ap.add_argument("--slow-tiles", type=int, default=3)
     args = ap.parse_args()
+    print(conditions())  # commit, cores, cores free, load: beside every table
     warnings.filterwarnings("ignore", message="Invalid or empty shape")  # rasterio, empty clips
     rows: list[list[object]] = []
     with scratch_database(args.dsn) as dsn, psycopg.connect(dsn, autocommit=True) as conn, \

@@ -37,7 +37,7 @@ import numpy as np
 import psycopg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import SHARED_DATA, print_table, scratch_database  # noqa: E402
+from _common import SHARED_DATA, conditions, print_table, scratch_database  # noqa: E402
 
 from pggeolearn import predict, wkb  # noqa: E402
 from pggeolearn.importers import import_raster  # noqa: E402
@@ -190,6 +190,7 @@ def main() -> None:
     ap.add_argument("--writes", type=int, default=2048, help="masks per write test")
     ap.add_argument("--model-file", help="also benchmark this exported model (pggeolearn.training.registry.export)")
     args = ap.parse_args()
+    print(conditions())  # commit, cores, cores free, load: beside every table
     print(f"load average: {os.getloadavg()[0]:.2f} (2 cores)")
     with scratch_database(args.dsn) as dsn, psycopg.connect(dsn, autocommit=True) as conn:
         what, _ = load_scene(conn)

@@ -42,7 +42,7 @@ import psycopg
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from _common import print_table, scratch_database  # noqa: E402
+from _common import conditions, print_table, scratch_database  # noqa: E402
 
 from pggeolearn import wkb  # noqa: E402
 from pggeolearn.stream import GeoStream  # noqa: E402
@@ -278,6 +278,7 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--rss-child", nargs=2, metavar=("DSN", "DATASET"), help=argparse.SUPPRESS)
     args = p.parse_args()
+    print(conditions())  # commit, cores, cores free, load: beside every table
     if args.rss_child:
         rss_child(*args.rss_child)
         return

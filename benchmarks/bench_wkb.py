@@ -21,6 +21,9 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import conditions  # noqa: E402
 
 from pggeolearn import wkb  # noqa: E402
 
@@ -78,6 +81,7 @@ def best_of(fn: Callable[[], None], repeat: int = 3) -> float:
 
 
 def main() -> None:
+    print(conditions())  # commit, cores, cores free, load: beside every table
     rng = np.random.default_rng(0)
     arrays = [rng.integers(0, 256, (BANDS, SIZE, SIZE), dtype=np.uint8) for _ in range(DISTINCT)]
     distinct = [wkb.encode(wkb.from_array(a, geotransform=GT, srid=32645)) for a in arrays]
