@@ -159,9 +159,8 @@ def version_info(dsn: str | None = None) -> VersionInfo:
 def require_schema(conn: psycopg.Connection) -> None:
     """Fail with one line when the schema is not installed in the connected database."""
     found, usage, user = conn.execute(
-        "SELECT to_regnamespace(%s) IS NOT NULL, CASE WHEN to_regnamespace(%s) IS NULL THEN true "
-        "ELSE has_schema_privilege(current_user, %s, 'USAGE') END, current_user",
-        [SCHEMA, SCHEMA, SCHEMA]).fetchone()
+        "SELECT n IS NOT NULL, n IS NULL OR has_schema_privilege(current_user, n::oid, 'USAGE'),"
+        " current_user FROM (SELECT to_regnamespace(%s) AS n) s", [SCHEMA]).fetchone()
     if not found:
         raise errors.SchemaError("schema pggeolearn is not installed here (run: pggeolearn db init)")
     if not usage:

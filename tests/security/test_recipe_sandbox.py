@@ -172,6 +172,13 @@ def test_user_schema_and_public_shadow_never_run(conn, admin_db_dsn, data, tmp_p
                           out="public.pred", imagery="public.img2", extent=EXTENT, tile_px=32,
                           progress=False)
     assert rep.tiles >= 1
+    from pggeolearn.evaluate import evaluate
+
+    split = conn.execute("SELECT split FROM pggeolearn.chips WHERE dataset = %s AND split <> 'excluded'"
+                         " ORDER BY tile_id LIMIT 1", [ds.name]).fetchone()[0]
+    evaluate(as_role(admin_db_dsn, USER), BrightnessPredictor(resolution=1.0, tile_px=32, bands=1,
+                                                              names=("background", "strip")),
+             dataset=ds.name, split=split, out_layer="public.ev", progress=False)
     with psycopg.connect(admin_db_dsn, autocommit=True) as admin:
         assert admin.execute("SELECT count(*) FROM public.hits").fetchone()[0] == 0
         assert not admin.execute(f"SELECT rolsuper FROM pg_roles WHERE rolname = '{ATTACKER}'").fetchone()[0]
@@ -280,3 +287,17 @@ def test_least_privilege_roles(conn, admin_conn, admin_db_dsn, data, capsys):
             main(["--dsn", reader, *args])
         err = capsys.readouterr().err
         assert grant in err and err.count("\n") == 1 and "Traceback" not in err, (args, err)
+
+
+def test_db_check_reports_each_hole_in_one_line(admin_db_dsn, admin_conn, capsys):
+    from pggeolearn.cli.main import main
+
+    admin_conn.execute("GRANT EXECUTE ON FUNCTION lo_from_bytea(oid, bytea) TO PUBLIC")  # a hole
+    with pytest.raises(SystemExit) as info:
+        main(["--dsn", admin_db_dsn, "db", "check"])
+    assert info.value.code == 1
+    out = capsys.readouterr().out.splitlines()
+    assert any("lo_from_bytea" in line and "REVOKE EXECUTE" in line for line in out), out
+    assert any(f"{ATTACKER} may CREATE in schema public" in line for line in out), out
+    assert all(line.startswith("hole: ") for line in out)
+    admin_conn.execute("REVOKE EXECUTE ON FUNCTION lo_from_bytea(oid, bytea) FROM PUBLIC")
