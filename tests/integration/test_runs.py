@@ -144,6 +144,36 @@ def test_second_training_of_a_model_is_refused_at_once(db_dsn, conn):
     assert status(conn, holder.run_id)[0] == "failed"
 
 
+def test_concurrent_train_processes_then_kill_9(db_dsn, conn):
+    """A real `pggeolearn train` holds model m: the second is refused at once; after kill -9 of
+    the first, its run is marked failed by the next command and m can be trained again."""
+    make_train_dataset(conn)
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, "-m", "pggeolearn", "--dsn", db_dsn, "train", "rects", "--model", "m",
+           "--epochs", "1000", "--width", "4", "--depth", "1", "--stem-stride", "1", "--no-progress"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not conn.execute("SELECT count(*) FROM pggeolearn.runs").fetchone()[0]:
+            if proc.poll() is not None:
+                pytest.fail(f"train ended before its run began: {proc.stderr.read()}")
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        with pytest.raises(errors.AlreadyExists, match="model m is being trained right now"):
+            train(db_dsn, "rects", "m", epochs=1, **TINY)
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+    run_id, = conn.execute("SELECT run_id FROM pggeolearn.runs").fetchone()
+    deadline = time.monotonic() + 10
+    while status(conn, run_id)[0] == "running":
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+        runs.reap(conn)
+    assert status(conn, run_id)[1].startswith("lost: the process running it ended")
+    assert train(db_dsn, "rects", "m", epochs=1, **TINY).saved
+
+
 # ------------------------------------------------------------------------------ lost connections
 
 
