@@ -55,35 +55,44 @@ def terminate_all(admin: psycopg.Connection, dbname: str) -> int:
                          " AND pid <> pg_backend_pid()", [dbname]).fetchone()[0]
 
 
-# ------------------------------------------------------------------------------ dead processes
-
-
-def test_kill_9_of_predict_is_marked_failed_by_the_next_command(conn, db_dsn):
-    load_array(conn, "public.img", np.full((3, 256, 256), 230, np.uint8), tile=64)
+def start_cli(args: list[str], db_dsn: str, conn) -> subprocess.Popen:
+    """``pggeolearn ARGS`` in a subprocess, returned once its run is in pggeolearn.runs."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(map(str, (ROOT, ROOT / "tests", Path(__file__).parent))))
-    cmd = [sys.executable, "-m", "pggeolearn", "--dsn", db_dsn, "predict", "slow_predictor:model",
-           "--extent", *map(str, extent_of(*UL, 256, 256)), "--imagery", "public.img",
-           "--out", "public.pred", "--no-progress"]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 60
-        while not conn.execute("SELECT count(*) FROM pggeolearn.runs").fetchone()[0]:
-            if proc.poll() is not None:
-                pytest.fail(f"predict ended before its run began: {proc.stderr.read()}")
-            assert time.monotonic() < deadline
-            time.sleep(0.1)
-        time.sleep(0.5)
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        proc.wait(30)
+    proc = subprocess.Popen([sys.executable, "-m", "pggeolearn", "--dsn", db_dsn, *args], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not conn.execute("SELECT count(*) FROM pggeolearn.runs").fetchone()[0]:
+        if proc.poll() is not None:
+            pytest.fail(f"{args[0]} ended before its run began: {proc.stderr.read()}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"{args[0]} did not start a run")
+        time.sleep(0.1)
+    return proc
+
+
+def kill_9_then_reaped(proc: subprocess.Popen, conn) -> str:
+    """kill -9; wait until the next look (reap) marks the run failed; its error."""
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(30)
     run_id, = conn.execute("SELECT run_id FROM pggeolearn.runs").fetchone()
     deadline = time.monotonic() + 10  # the server notices the closed socket
     while status(conn, run_id)[0] == "running":
         assert time.monotonic() < deadline
         runs.reap(conn)
         time.sleep(0.1)
-    st, error = status(conn, run_id)
-    assert st == "failed" and error.startswith("lost: the process running it ended without finishing")
+    return status(conn, run_id)[1]
+
+
+# ------------------------------------------------------------------------------ dead processes
+
+
+def test_kill_9_of_predict_is_marked_failed_by_the_next_command(conn, db_dsn):
+    load_array(conn, "public.img", np.full((3, 256, 256), 230, np.uint8), tile=64)
+    proc = start_cli(["predict", "slow_predictor:model", "--extent", *map(str, extent_of(*UL, 256, 256)),
+                      "--imagery", "public.img", "--out", "public.pred", "--no-progress"], db_dsn, conn)
+    time.sleep(0.5)  # predicting
+    assert kill_9_then_reaped(proc, conn).startswith("lost: the process running it ended without finishing")
     assert conn.execute("SELECT to_regclass('public.pred')").fetchone()[0] is None  # rolled back
 
 
@@ -148,29 +157,14 @@ def test_concurrent_train_processes_then_kill_9(db_dsn, conn):
     """A real `pggeolearn train` holds model m: the second is refused at once; after kill -9 of
     the first, its run is marked failed by the next command and m can be trained again."""
     make_train_dataset(conn)
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    cmd = [sys.executable, "-m", "pggeolearn", "--dsn", db_dsn, "train", "rects", "--model", "m",
-           "--epochs", "1000", "--width", "4", "--depth", "1", "--stem-stride", "1", "--no-progress"]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = start_cli(["train", "rects", "--model", "m", "--epochs", "1000", "--width", "4", "--depth", "1",
+                      "--stem-stride", "1", "--no-progress"], db_dsn, conn)
     try:
-        deadline = time.monotonic() + 120
-        while not conn.execute("SELECT count(*) FROM pggeolearn.runs").fetchone()[0]:
-            if proc.poll() is not None:
-                pytest.fail(f"train ended before its run began: {proc.stderr.read()}")
-            assert time.monotonic() < deadline
-            time.sleep(0.2)
         with pytest.raises(errors.AlreadyExists, match="model m is being trained right now"):
             train(db_dsn, "rects", "m", epochs=1, **TINY)
     finally:
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(30)
-    run_id, = conn.execute("SELECT run_id FROM pggeolearn.runs").fetchone()
-    deadline = time.monotonic() + 10
-    while status(conn, run_id)[0] == "running":
-        assert time.monotonic() < deadline
-        time.sleep(0.1)
-        runs.reap(conn)
-    assert status(conn, run_id)[1].startswith("lost: the process running it ended")
+        error = kill_9_then_reaped(proc, conn)
+    assert error.startswith("lost: the process running it ended")
     assert train(db_dsn, "rects", "m", epochs=1, **TINY).saved
 
 
