@@ -293,3 +293,22 @@ def test_runs_command_lists_runs_and_marks_the_dead_failed(db_dsn):
     assert result.exit_code == 0, result.output
     assert result.output.startswith(f"run {dead.run_id}: train m on d, started ")
     assert "failed: lost: the process running it ended without finishing" in result.output
+
+
+def test_upgrade_0003_ends_runs_stuck_before_it(empty_db_dsn):
+    """Runs stuck 'running' under 0002 (the observed defect): the newest training run of a model
+    stays (the reaper ends it later if dead), the older ones are failed, so the index can exist."""
+    from pggeolearn.db import schema
+
+    schema.upgrade(empty_db_dsn, revision="0002")
+    with psycopg.connect(empty_db_dsn, autocommit=True) as c:
+        ids = [c.execute("INSERT INTO pggeolearn.runs (kind, model, status) VALUES (%s, %s, 'running')"
+                         " RETURNING run_id", [k, m]).fetchone()[0]
+               for k, m in (("train", "x"), ("train", "x"), ("predict", "x"), ("train", "y"))]
+    assert schema.upgrade(empty_db_dsn) == schema.head_revision()
+    with psycopg.connect(empty_db_dsn, autocommit=True) as c:
+        assert [status(c, i)[0] for i in ids] == ["failed", "running", "running", "running"]
+        assert sorted(runs.reap(c)) == ids[1:]  # nobody holds their locks: all dead
+        with pytest.raises(psycopg.errors.UniqueViolation):
+            for _ in range(2):
+                c.execute("INSERT INTO pggeolearn.runs (kind, model) VALUES ('train', 'z')")
