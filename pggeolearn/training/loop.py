@@ -582,10 +582,8 @@ class _Training:
                   "package_version": __version__}
         # reserves the model name: a second concurrent `train --model X` is refused here, at once
         self.run = runs.Run.start(self.dsn, "train", model=self.name, dataset=self.ds.name, params=params)
-        try:
+        with self.run:  # fails the run on an error not handled below (e.g. at save), then closes it
             return self._epochs(model, stopper, start_epoch, history, best_weights, resumed_from)
-        finally:
-            self.run.close()
 
     def _epochs(self, model, stopper: EarlyStopping, start_epoch: int, history: list,
                 best_weights: bytes | None, resumed_from: int | None) -> TrainReport:

@@ -182,3 +182,27 @@ def test_long_names_are_refused_before_any_work(conn, db_dsn):
         predict.predict(db_dsn, "no-such-model", out="p" * 55, imagery="public.img", extent=EXT,
                         probabilities=True, vectorize=False, progress=False)
     assert n_runs(conn) == 0
+
+
+def test_cli_refusals_are_one_line(conn, db_dsn, tmp_path):
+    from click.testing import CliRunner
+
+    from pggeolearn.cli.main import cli
+
+    load_array(conn, "public.img", np.full((3, 64, 64), 230, np.uint8), tile=32)
+    runner = CliRunner()
+    cases = [
+        (["import", "vector", str(square_geojson(tmp_path)), "--table", "pggeolearn.models", "--overwrite",
+          "--force", "--no-progress"], "pggeolearn's catalog"),
+        (["predict", "brightness", "--extent", *map(str, EXT), "--imagery", "public.img",
+          "--out", "pggeolearn.models", "--overwrite", "--no-progress"], "pggeolearn's catalog"),
+        (["predict", "brightness", "--extent", *map(str, EXT), "--imagery", "public.img",
+          "--out", "public.img", "--overwrite", "--force", "--no-progress"], "also an input"),
+    ]
+    for args, expected in cases:
+        result = runner.invoke(cli, ["--dsn", db_dsn, *args])
+        exc = result.exception  # main() prints it as "error: <one line>"
+        assert isinstance(exc, errors.PggeolearnError), result.output
+        assert expected in str(exc) and "\n" not in str(exc)
+    registry_intact(conn)
+    assert conn.execute("SELECT count(*) FROM public.img").fetchone()[0] == 4

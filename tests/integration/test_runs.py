@@ -55,35 +55,44 @@ def terminate_all(admin: psycopg.Connection, dbname: str) -> int:
                          " AND pid <> pg_backend_pid()", [dbname]).fetchone()[0]
 
 
-# ------------------------------------------------------------------------------ dead processes
-
-
-def test_kill_9_of_predict_is_marked_failed_by_the_next_command(conn, db_dsn):
-    load_array(conn, "public.img", np.full((3, 256, 256), 230, np.uint8), tile=64)
+def start_cli(args: list[str], db_dsn: str, conn) -> subprocess.Popen:
+    """``pggeolearn ARGS`` in a subprocess, returned once its run is in pggeolearn.runs."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(map(str, (ROOT, ROOT / "tests", Path(__file__).parent))))
-    cmd = [sys.executable, "-m", "pggeolearn", "--dsn", db_dsn, "predict", "slow_predictor:model",
-           "--extent", *map(str, extent_of(*UL, 256, 256)), "--imagery", "public.img",
-           "--out", "public.pred", "--no-progress"]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 60
-        while not conn.execute("SELECT count(*) FROM pggeolearn.runs").fetchone()[0]:
-            if proc.poll() is not None:
-                pytest.fail(f"predict ended before its run began: {proc.stderr.read()}")
-            assert time.monotonic() < deadline
-            time.sleep(0.1)
-        time.sleep(0.5)
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        proc.wait(30)
+    proc = subprocess.Popen([sys.executable, "-m", "pggeolearn", "--dsn", db_dsn, *args], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not conn.execute("SELECT count(*) FROM pggeolearn.runs").fetchone()[0]:
+        if proc.poll() is not None:
+            pytest.fail(f"{args[0]} ended before its run began: {proc.stderr.read()}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"{args[0]} did not start a run")
+        time.sleep(0.1)
+    return proc
+
+
+def kill_9_then_reaped(proc: subprocess.Popen, conn) -> str:
+    """kill -9; wait until the next look (reap) marks the run failed; its error."""
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(30)
     run_id, = conn.execute("SELECT run_id FROM pggeolearn.runs").fetchone()
     deadline = time.monotonic() + 10  # the server notices the closed socket
     while status(conn, run_id)[0] == "running":
         assert time.monotonic() < deadline
         runs.reap(conn)
         time.sleep(0.1)
-    st, error = status(conn, run_id)
-    assert st == "failed" and error.startswith("lost: the process running it ended without finishing")
+    return status(conn, run_id)[1]
+
+
+# ------------------------------------------------------------------------------ dead processes
+
+
+def test_kill_9_of_predict_is_marked_failed_by_the_next_command(conn, db_dsn):
+    load_array(conn, "public.img", np.full((3, 256, 256), 230, np.uint8), tile=64)
+    proc = start_cli(["predict", "slow_predictor:model", "--extent", *map(str, extent_of(*UL, 256, 256)),
+                      "--imagery", "public.img", "--out", "public.pred", "--no-progress"], db_dsn, conn)
+    time.sleep(0.5)  # predicting
+    assert kill_9_then_reaped(proc, conn).startswith("lost: the process running it ended without finishing")
     assert conn.execute("SELECT to_regclass('public.pred')").fetchone()[0] is None  # rolled back
 
 
@@ -142,6 +151,21 @@ def test_second_training_of_a_model_is_refused_at_once(db_dsn, conn):
     holder.close()
     runs.Run.start(db_dsn, "train", model="m").finish({})
     assert status(conn, holder.run_id)[0] == "failed"
+
+
+def test_concurrent_train_processes_then_kill_9(db_dsn, conn):
+    """A real `pggeolearn train` holds model m: the second is refused at once; after kill -9 of
+    the first, its run is marked failed by the next command and m can be trained again."""
+    make_train_dataset(conn)
+    proc = start_cli(["train", "rects", "--model", "m", "--epochs", "1000", "--width", "4", "--depth", "1",
+                      "--stem-stride", "1", "--no-progress"], db_dsn, conn)
+    try:
+        with pytest.raises(errors.AlreadyExists, match="model m is being trained right now"):
+            train(db_dsn, "rects", "m", epochs=1, **TINY)
+    finally:
+        error = kill_9_then_reaped(proc, conn)
+    assert error.startswith("lost: the process running it ended")
+    assert train(db_dsn, "rects", "m", epochs=1, **TINY).saved
 
 
 # ------------------------------------------------------------------------------ lost connections
@@ -269,3 +293,22 @@ def test_runs_command_lists_runs_and_marks_the_dead_failed(db_dsn):
     assert result.exit_code == 0, result.output
     assert result.output.startswith(f"run {dead.run_id}: train m on d, started ")
     assert "failed: lost: the process running it ended without finishing" in result.output
+
+
+def test_upgrade_0003_ends_runs_stuck_before_it(empty_db_dsn):
+    """Runs stuck 'running' under 0002 (the observed defect): the newest training run of a model
+    stays (the reaper ends it later if dead), the older ones are failed, so the index can exist."""
+    from pggeolearn.db import schema
+
+    schema.upgrade(empty_db_dsn, revision="0002")
+    with psycopg.connect(empty_db_dsn, autocommit=True) as c:
+        ids = [c.execute("INSERT INTO pggeolearn.runs (kind, model, status) VALUES (%s, %s, 'running')"
+                         " RETURNING run_id", [k, m]).fetchone()[0]
+               for k, m in (("train", "x"), ("train", "x"), ("predict", "x"), ("train", "y"))]
+    assert schema.upgrade(empty_db_dsn) == schema.head_revision()
+    with psycopg.connect(empty_db_dsn, autocommit=True) as c:
+        assert [status(c, i)[0] for i in ids] == ["failed", "running", "running", "running"]
+        assert sorted(runs.reap(c)) == ids[1:]  # nobody holds their locks: all dead
+        with pytest.raises(psycopg.errors.UniqueViolation):
+            for _ in range(2):
+                c.execute("INSERT INTO pggeolearn.runs (kind, model) VALUES ('train', 'z')")
