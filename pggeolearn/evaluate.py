@@ -45,7 +45,7 @@ from pggeolearn.training import metrics
 
 __all__ = ["EvalReport", "TileScore", "evaluate"]
 
-IGNORE = 255  # truth value of pixels left out of the metrics
+IGNORE = metrics.IGNORE  # truth value of pixels left out of the metrics
 MIOU_RANGES = [(0.0, 0.25, "0 - 0.25", (215, 25, 28)), (0.25, 0.5, "0.25 - 0.5", (253, 174, 97)),
                (0.5, 0.75, "0.5 - 0.75", (166, 217, 106)), (0.75, 1.0, "0.75 - 1", (26, 150, 65))]
 
@@ -264,10 +264,7 @@ def _run(dsn, p: Predictor, model_name: str, ds, split: str, n: int, run_id: int
         y = _call_model(p, x, k)
         pred = y.argmax(axis=1).astype(np.uint8)
         for (tile_id, img, truth, nodata, geom), pr in zip(batch, pred, strict=True):
-            t = lut[truth]
-            if all(v is not None for v in nodata):
-                is_nd = np.all(img == np.asarray(nodata, img.dtype)[:, None, None], axis=0)
-                t = np.where(is_nd, IGNORE, t)
+            t = np.where(wkb.valid_mask(img, nodata), lut[truth], IGNORE)
             tcm = metrics.confusion_matrix(pr, t, k)
             cm += tcm
             iou = metrics.iou_per_class(tcm)

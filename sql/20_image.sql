@@ -222,3 +222,37 @@ END
 $$;
 COMMENT ON FUNCTION pggeolearn.image_tile(text, integer) IS
   'Image raster of one tile: the dataset''s image SQL rasters clipped, mosaicked per source grid, warped once onto exactly tile_px x tile_px of the grid (the recipe''s resampling, default nearest); NODATA (the source''s value, else 0) where there is no imagery.';
+
+CREATE OR REPLACE FUNCTION pggeolearn.valid_label(image raster, label raster)
+RETURNS raster
+LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE
+AS $$
+DECLARE
+    n integer;
+    mask raster;
+    b integer;
+BEGIN
+    -- label with 255 where the image pixel is NODATA: every band declares a NODATA value and
+    -- holds it (pggeolearn.wkb.valid_mask's rule); label as it is when no pixel is
+    IF image IS NULL OR label IS NULL THEN
+        RETURN label;
+    END IF;
+    n := ST_NumBands(image);
+    FOR b IN 1 .. n LOOP
+        IF ST_BandNoDataValue(image, b) IS NULL
+           OR ST_Count(image, b, true) = ST_Width(image)::bigint * ST_Height(image) THEN
+            RETURN label;  -- a band without NODATA (or without a NODATA pixel): all valid
+        END IF;
+    END LOOP;
+    -- 1 where a band has data, NODATA where it has not; OR-ed over the bands
+    mask := ST_MapAlgebra(image, 1, '8BUI'::text, '1'::text, 0::float8);
+    FOR b IN 2 .. n LOOP
+        mask := ST_MapAlgebra(mask, 1, ST_MapAlgebra(image, b, '8BUI'::text, '1'::text, 0::float8), 1,
+                              '1'::text, '8BUI'::text, 'FIRST'::text, '1'::text, '1'::text, NULL::float8);
+    END LOOP;
+    RETURN ST_MapAlgebra(label, 1, mask, 1, '[rast1]'::text, '8BUI'::text, 'FIRST'::text,
+                         NULL::text, '255'::text, NULL::float8);
+END
+$$;
+COMMENT ON FUNCTION pggeolearn.valid_label(raster, raster) IS
+  'The label raster with 255 on pixels where the image is NODATA (every band at its NODATA value); what class counts leave out.';

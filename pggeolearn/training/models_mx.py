@@ -26,6 +26,7 @@ import numpy as np
 from pggeolearn import errors
 from pggeolearn.mxnet import GeoIter, mx
 from pggeolearn.training import loop as L
+from pggeolearn.training import metrics as M
 from pggeolearn.training.registry import Architecture
 
 gluon = mx.gluon
@@ -221,6 +222,9 @@ class MxModel:
         try:
             for batch in it:
                 label = batch.label[0] if lut is None else mx.nd.take(lut, batch.label[0])
+                # NODATA pixels: out of the loss and the metrics
+                label = mx.nd.where(batch.valid > 0, label, mx.nd.full(label.shape, M.IGNORE,
+                                                                      ctx=label.context))
                 yield batch.data[0], label, int(batch.pad)
         finally:
             it.close()
@@ -244,11 +248,12 @@ class MxModel:
 
     def _weights(self, label: Any, pad: int, class_weights: np.ndarray | None) -> Any:
         nd = mx.nd
+        valid = label != M.IGNORE
         if class_weights is None:
-            w = nd.ones_like(label)
+            w = valid
         else:
             cw = nd.array(class_weights, ctx=label.context)
-            w = nd.take(cw, label)
+            w = nd.take(cw, label, mode="clip") * valid
         if pad:
             n = label.shape[0]
             keep = np.ones((n, 1, 1), np.float32)

@@ -1,0 +1,91 @@
+"""Validity, honestly: NODATA pixels are no class, no loss and no score.
+
+A zoo scene (the synthetic scene with a NODATA edge) goes through chips, streaming, a tiny
+training and ``evaluate --split val``: batches carry the ``valid`` mask, class counts leave
+NODATA out, and training's stored validation numbers equal evaluate's exactly.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pggeolearn import chips, datasets, wkb
+from pggeolearn.evaluate import evaluate
+from pggeolearn.importers import import_raster
+from pggeolearn.stream import GeoStream
+from pggeolearn.synthetic import make_scene, scene_variant
+from pggeolearn.training import registry, train
+
+TINY = dict(width=4, depth=1, stem_stride=1, batch_size=4, lr=0.02, progress=False)
+EDGE = 20  # NODATA pixels along the left and bottom edges
+
+
+def test_valid_mask_rule():
+    data = np.array([[[0, 0, 5]], [[0, 7, 0]]], np.uint8)  # 2 bands, 1 x 3 pixels
+    assert wkb.valid_mask(data, (0, 0)).tolist() == [[False, True, True]]
+    assert wkb.valid_mask(data, (0, None)).all()  # a band without NODATA: all valid
+    f = np.array([[[np.nan, 1.0]]], np.float32)
+    assert wkb.valid_mask(f, (float("nan"),)).tolist() == [[False, True]]
+
+
+@pytest.fixture(scope="module")
+def edge_scene(tmp_path_factory):
+    d = tmp_path_factory.mktemp("validity")
+    scene = make_scene(d, size_px=256, seed=5)
+    return scene, scene_variant(scene, d / "edge.tif", nodata=0, nodata_edge_px=EDGE)
+
+
+@pytest.fixture
+def edge_ds(conn, edge_scene):
+    scene, path = edge_scene
+    import_raster(conn, [path], "public.img", progress=False)
+    import_raster(conn, [scene.image_path], "public.img_full", progress=False)
+    datasets.create(conn, datasets.Recipe(
+        name="edge", srid=3857, resolution=scene.resolution, extent=scene.bounds, tile_px=64,
+        image_sql="SELECT rast FROM public.img WHERE ST_Intersects(rast, tile_geom)",
+        label_sql="SELECT ST_Buffer(ST_Centroid(tile_geom), 12) AS geom, 1 AS class_id "
+                  "UNION ALL SELECT ST_Buffer(ST_PointN(ST_ExteriorRing(tile_geom), 1), 20), 1",
+        classes={1: "blob"}))
+    chips.build(conn, "edge", progress=False)
+    # splits by hand: validation = the left column (NODATA along its left edge) + one more
+    conn.execute("UPDATE pggeolearn.chips SET split = CASE WHEN tile_id % 4 = 0 OR tile_id = 5 "
+                 "THEN 'val' ELSE 'train' END WHERE dataset = 'edge'")
+    return conn
+
+
+def test_class_counts_and_batches_leave_nodata_out(edge_ds, db_dsn):
+    conn = edge_ds
+    rows = conn.execute("SELECT tile_id, ST_AsBinary(image), ST_AsBinary(label), class_counts "
+                        "FROM pggeolearn.chips WHERE dataset = 'edge' ORDER BY tile_id").fetchall()
+    some_nodata = 0
+    for tile_id, image, label, counts in rows:
+        img, lab = wkb.decode(bytes(image)), wkb.decode(bytes(label))
+        valid = img.valid()
+        some_nodata += int((~valid).any())
+        assert sum(counts) == valid.sum(), tile_id
+        assert counts[1] == int(((lab.data[0] == 1) & valid).sum()), tile_id
+    assert some_nodata >= 4  # the left column and the bottom row
+    with GeoStream(db_dsn, "edge", split="val", batch_size=8, shuffle=False) as s:
+        batch = next(iter(s))
+    assert batch["valid"].dtype == bool and batch["valid"].shape == batch["label"].shape
+    assert not batch["valid"].all() and batch["valid"].any()
+    for i, tid in enumerate(batch["tile_id"][: 8 - batch["pad"]]):
+        img = wkb.decode(bytes(next(r[1] for r in rows if r[0] == tid)))
+        assert np.array_equal(batch["valid"][i], img.valid())
+
+
+@pytest.mark.parametrize("framework", ["mxnet", "torch"])
+def test_training_val_numbers_equal_evaluate_val(edge_ds, db_dsn, framework):
+    pytest.importorskip("pggeolearn.mxnet" if framework == "mxnet" else "torch")
+    report = train(db_dsn, "edge", "m", framework=framework, epochs=2, **TINY)
+    stored = registry.get(edge_ds, "m").metrics["best"]
+    rep = evaluate(db_dsn, "m", dataset="edge", split="val", progress=False, n_worst=0)
+    all_px = rep.tiles * 64 * 64
+    assert rep.scores.pixels < all_px  # NODATA pixels are not scored
+    assert stored["pixels"] == rep.scores.pixels
+    assert stored["miou"] == rep.scores.miou
+    assert stored["accuracy"] == rep.scores.accuracy
+    assert stored["iou"] == [float(v) for v in rep.scores.iou]
+    # the baselines are scored on the same pixels
+    assert report.baselines["all background"].pixels == rep.scores.pixels
