@@ -1,5 +1,6 @@
 -- Image tiles: the dataset's imagery clipped, reprojected, resampled and mosaicked onto exactly
--- one tile's grid. Pixels without imagery are NODATA (the source's nodata value, else 0).
+-- one tile's grid. Pixels without imagery are NODATA (the source's nodata value, else 0; a
+-- tile that sources without a NODATA value cover entirely gets none).
 
 CREATE OR REPLACE FUNCTION pggeolearn.gdal_resampling(method text)
 RETURNS text
@@ -113,6 +114,9 @@ DECLARE
     piece raster;
     src raster;
     canvas raster;
+    declares boolean := false;  -- a source band declares a NODATA value
+    cover geometry;             -- the sources' footprint in the grid's CRS
+    n integer;
 BEGIN
     SELECT * INTO d FROM pggeolearn.datasets WHERE name = dataset;
     ref := pggeolearn._tile_ref(d, dataset, tile_id);
@@ -139,6 +143,13 @@ BEGIN
         CONTINUE WHEN NOT ST_Intersects(ST_Envelope(src),
                                         CASE WHEN ST_SRID(src) = d.srid THEN core
                                              ELSE ST_Transform(core, ST_SRID(src)) END);
+        declares := declares OR EXISTS (SELECT 1 FROM generate_series(1, ST_NumBands(src)) AS k
+                                        WHERE ST_BandNoDataValue(src, k) IS NOT NULL);
+        -- the footprint: edges densified so that they bend when reprojected
+        cover := ST_Union(coalesce(cover, ST_SetSRID('POLYGON EMPTY'::geometry, d.srid)),
+            CASE WHEN ST_SRID(src) = d.srid THEN ST_Envelope(src)
+                 ELSE ST_Transform(ST_Segmentize(ST_Envelope(src),
+                          greatest(ST_Width(src), ST_Height(src)) * abs(ST_ScaleX(src)) / 16), d.srid) END);
         -- exact fit: the source tile is the dataset tile (grid equal to the imagery's)
         IF ST_SRID(src) = d.srid AND ST_SameAlignment(src, ref)
            AND ST_Width(src) = d.tile_px AND ST_Height(src) = d.tile_px
@@ -211,6 +222,14 @@ BEGIN
     -- mosaic: an all-NODATA canvas of the exact tile, then each piece pasted into it (ST_Clip
     -- does not crop exactly, and ST_Union would keep a piece's overhang)
     canvas := pggeolearn._paste(pggeolearn._blank_like(ref, pieces[1]), pieces);
+    -- Sources without a NODATA value: the canvas's NODATA (0) marks pixels no source reaches.
+    -- When the sources cover the whole tile there are none, and no NODATA value is invented:
+    -- black stays a colour.
+    IF NOT declares AND ST_Covers(cover, box) THEN
+        FOR n IN 1 .. ST_NumBands(canvas) LOOP
+            canvas := ST_SetBandNoDataValue(canvas, n, NULL);
+        END LOOP;
+    END IF;
     IF ST_Width(canvas) <> d.tile_px OR ST_Height(canvas) <> d.tile_px
        OR abs(ST_UpperLeftX(canvas) - ST_UpperLeftX(ref)) > d.resolution * 1e-6
        OR abs(ST_UpperLeftY(canvas) - ST_UpperLeftY(ref)) > d.resolution * 1e-6 THEN
@@ -221,7 +240,7 @@ BEGIN
 END
 $$;
 COMMENT ON FUNCTION pggeolearn.image_tile(text, integer) IS
-  'Image raster of one tile: the dataset''s image SQL rasters clipped, mosaicked per source grid, warped once onto exactly tile_px x tile_px of the grid (the recipe''s resampling, default nearest); NODATA (the source''s value, else 0) where there is no imagery.';
+  'Image raster of one tile: the dataset''s image SQL rasters clipped, mosaicked per source grid, warped once onto exactly tile_px x tile_px of the grid (the recipe''s resampling, default nearest); NODATA (the source''s value, else 0) where there is no imagery; no NODATA value when the sources declare none and cover the tile.';
 
 CREATE OR REPLACE FUNCTION pggeolearn.valid_label(image raster, label raster)
 RETURNS raster

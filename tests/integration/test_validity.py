@@ -89,3 +89,43 @@ def test_training_val_numbers_equal_evaluate_val(edge_ds, db_dsn, framework):
     assert stored["iou"] == [float(v) for v in rep.scores.iou]
     # the baselines are scored on the same pixels
     assert report.baselines["all background"].pixels == rep.scores.pixels
+
+
+def _tiles(conn, name):
+    rows = conn.execute("SELECT tile_id, ST_AsBinary(pggeolearn.image_tile(%s, tile_id)) "
+                        "FROM pggeolearn.tile_grid(%s) ORDER BY tile_id", [name, name]).fetchall()
+    return {t: wkb.decode(bytes(b)) for t, b in rows}
+
+
+@pytest.mark.parametrize("crs", [None, 4326])
+def test_no_nodata_invented_where_the_source_has_none(conn, edge_scene, tmp_path, crs):
+    import rasterio
+
+    scene, _ = edge_scene
+    path = tmp_path / "black.tif"
+    scene_variant(scene, path, crs=crs)
+    with rasterio.open(path, "r+") as f:  # genuinely black pixels in the middle of the scene
+        data = f.read()
+        data[:, 100:140, 100:140] = 0
+        f.write(data)
+    import_raster(conn, [path], "public.black", tile_size=100, progress=False)
+    minx, miny, maxx, maxy = scene.bounds
+    if crs is None:
+        res, src_filter = scene.resolution, "ST_Intersects(rast, tile_geom)"
+    else:
+        res, src_filter = 0.6, "ST_Intersects(rast, ST_Transform(tile_geom, 4326))"
+    # the grid reaches beyond the imagery on the east
+    extent = (minx, miny, maxx + 64 * res, maxy)
+    ds = datasets.create(conn, datasets.Recipe(
+        name="black", srid=3857, resolution=res, extent=extent, tile_px=64,
+        image_sql=f"SELECT rast FROM public.black WHERE {src_filter}",
+        label_sql="SELECT ST_Buffer(ST_Centroid(tile_geom), 2) AS geom, 1 AS class_id",
+        classes={1: "x"}))
+    tiles = _tiles(conn, "black")
+    inside = [t for tid, t in tiles.items()
+              if 1 <= tid % ds.ncols <= ds.ncols - 3 and 1 <= tid // ds.ncols <= ds.nrows - 2]
+    assert inside and all(t.nodata == (None, None, None) for t in inside)
+    assert sum(int((t.data == 0).all(axis=0).sum()) for t in inside) > 1000  # the black square
+    assert all(t.valid().all() for t in inside)
+    east = tiles[ds.ncols - 1]  # beyond the imagery: NODATA marks what no source covers
+    assert east.nodata[0] == 0 and not east.valid().any()
