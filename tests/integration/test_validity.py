@@ -129,3 +129,48 @@ def test_no_nodata_invented_where_the_source_has_none(conn, edge_scene, tmp_path
     assert all(t.valid().all() for t in inside)
     east = tiles[ds.ncols - 1]  # beyond the imagery: NODATA marks what no source covers
     assert east.nodata[0] == 0 and not east.valid().any()
+
+
+def test_alpha_band_becomes_validity_not_colour(conn, edge_scene, tmp_path):
+    import rasterio
+
+    scene, _ = edge_scene
+    path = scene_variant(scene, tmp_path / "rgba.tif", alpha=True, nodata_edge_px=EDGE)
+    with rasterio.open(path) as f:
+        rgb, alpha = f.read()[:3], f.read(4)
+    rep = import_raster(conn, [path], "public.rgba", progress=False)
+    assert rep.bands == 3  # the alpha band is not a colour band
+    rows = conn.execute("SELECT ST_AsBinary(rast) FROM public.rgba ORDER BY rid").fetchall()
+    t = wkb.decode(bytes(rows[0][0]))  # the upper-left import tile: its left edge is masked
+    nd = t.nodata[0]
+    assert t.nodata == (nd,) * 3 and nd is not None
+    h, w = t.height, t.width
+    assert np.array_equal(t.valid(), alpha[:h, :w] > 0)
+    keep = alpha[:h, :w] > 0
+    assert np.array_equal(t.data[:, keep], rgb[:, :h, :w][:, keep])  # colours untouched
+    # the value chosen is held by no valid pixel in every band
+    assert not ((rgb[:, keep] == nd).all(axis=0)).any()
+    # asked for: the alpha band is a band like any other
+    rep = import_raster(conn, [path], "public.rgba4", progress=False, keep_alpha=True)
+    assert rep.bands == 4
+
+
+def test_gdal_mask_becomes_validity(conn, edge_scene, tmp_path):
+    import rasterio
+
+    scene, _ = edge_scene
+    path = tmp_path / "masked.tif"
+    with rasterio.open(scene.image_path) as src:
+        rgb, profile = src.read(), src.profile
+    mask = np.full(rgb.shape[1:], 255, np.uint8)
+    mask[:, :EDGE] = 0
+    rgb[:, 50:60, 50:60] = 0  # black, valid: the NODATA value must be another one
+    with rasterio.Env(GDAL_TIFF_INTERNAL_MASK=True), rasterio.open(path, "w", **profile) as dst:
+        dst.write(rgb)
+        dst.write_mask(mask)
+    rep = import_raster(conn, [path], "public.masked", progress=False)
+    assert rep.bands == 3
+    t = wkb.decode(bytes(conn.execute("SELECT ST_AsBinary(rast) FROM public.masked "
+                                      "ORDER BY rid LIMIT 1").fetchone()[0]))
+    assert t.nodata[0] == 255  # 0 is taken by the black pixels (255: the next candidate)
+    assert np.array_equal(t.valid(), mask[:t.height, :t.width] > 0)
