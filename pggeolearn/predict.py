@@ -111,8 +111,9 @@ _INFRA_SQLSTATE = ("08", "53", "57", "58", "XX")
 class Predictor(Protocol):
     """What prediction needs of a model (``pggeolearn.training.registry.LoadedModel`` is one).
 
-    ``predict_proba`` takes ``(N, bands, tile_px, tile_px)`` uint8 images (the imagery's raw
-    values; the model normalizes them itself) and returns ``(N, K, tile_px, tile_px)`` float32
+    ``predict_proba`` takes ``(N, bands, tile_px, tile_px)`` images in the pixel type the model
+    was trained on (:func:`input_pixel_types`; the imagery's raw values, the model normalizes
+    them itself) and returns ``(N, K, tile_px, tile_px)`` float32
     probabilities (softmax over the K classes, background included); channel ``k`` is the
     ``k``-th smallest class id of ``classes``.
     """
@@ -153,6 +154,25 @@ def check_predictor(obj: Any, label: str = "model") -> Predictor:
         raise errors.ConfigError(f"{label} has bad metadata: tile_px {tile_px}, bands {bands}, "
                                  f"srid {srid}, resolution {res}")
     return obj
+
+
+def input_pixel_types(p: Predictor) -> tuple[str, ...]:
+    """The PostGIS pixel types of the imagery ``p`` takes, one per band: what training recorded
+    (``normalization["pixel_types"]``), else 8BUI (models trained before it was recorded)."""
+    norm = p.normalization if isinstance(p.normalization, dict) else {}
+    types = norm.get("pixel_types") or ["8BUI"] * int(p.bands)
+    return tuple(str(t) for t in types[: int(p.bands)])
+
+
+def check_pixel_types(p: Predictor, model_name: str, types: Sequence[str], what: str) -> np.dtype:
+    """The numpy dtype of the model's input, after checking that ``what`` (imagery, chips)
+    has the pixel types the model was trained on; a mismatch names both sides."""
+    want = input_pixel_types(p)
+    got = tuple(types[: len(want)])
+    if got != want:
+        raise errors.ConfigError(f"{what} has {','.join(got) or 'no'} bands; model {model_name} "
+                                 f"was trained on {','.join(want)} imagery")
+    return wkb.PIXEL_TYPES[want[0]].dtype
 
 
 def load_model(conn: psycopg.Connection, model: str | Predictor, *, device: str | None = None
@@ -766,10 +786,7 @@ def _plan(conn: psycopg.Connection, p: Predictor, model_name: str, *, extent, ex
         raise errors.SridMismatch(f"{label} returns rasters with SRID 0: set their SRID first")
     if nbands < p.bands:
         raise errors.ConfigError(f"{label} has {nbands} band(s); model {model_name} needs {p.bands}")
-    bad = [t for t in types[: p.bands] if t != "8BUI"]
-    if bad:
-        raise errors.ConfigError(f"{label} has {','.join(types[: p.bands])} bands; model "
-                                 f"{model_name} takes 8-bit (8BUI) imagery")
+    check_pixel_types(p, model_name, types, label)
     same_grid = (i_srid == srid and kx == 0 and ky == 0 and abs(abs(sx) - res) <= 1e-6 * res
                  and abs(abs(sy) - res) <= 1e-6 * res)
     if i_srid != srid:
@@ -821,9 +838,10 @@ def _paste(img: np.ndarray, valid: np.ndarray, buf: bytes, warped: bool, bx0: fl
     if tile.bands < need:
         raise errors.ConfigError(f"{label}: a raster at ({gt[0]:.3f}, {gt[3]:.3f}) has "
                                  f"{tile.bands - (1 if warped else 0)} band(s), the model needs {bands}")
-    if any(t != "8BUI" for t in tile.pixel_types[:bands]):
+    if any(tile.band(b).dtype.newbyteorder("=") != img.dtype for b in range(bands)):
         raise errors.ConfigError(f"{label}: a raster at ({gt[0]:.3f}, {gt[3]:.3f}) has "
-                                 f"{','.join(tile.pixel_types[:bands])} bands, not 8BUI")
+                                 f"{','.join(tile.pixel_types[:bands])} bands, the model takes "
+                                 f"{img.dtype} pixels")
     dx, dy = (gt[0] - bx0) / res, (by0 - gt[3]) / res
     ix, iy = round(dx), round(dy)
     if abs(dx - ix) > 1e-3 or abs(dy - iy) > 1e-3:
@@ -913,7 +931,7 @@ class _BandReader:
                 rows = cur.fetchall()
         except psycopg.Error as exc:
             raise _user_sql_error(exc, f"{self.plan.imagery_label} fails for window row {r}") from exc
-        img = np.zeros((p.bands, st.window, bw), np.uint8)
+        img = np.zeros((p.bands, st.window, bw), wkb.PIXEL_TYPES[input_pixel_types(p)[0]].dtype)
         valid = np.zeros((st.window, bw), bool)
         for buf, warped in rows:
             _paste(img, valid, buf, bool(warped), bx0, by0, g.res, int(p.bands), label)

@@ -318,7 +318,7 @@ class MxModel:
 
     # -- inference -------------------------------------------------------------------------------
     def predict_proba(self, images: np.ndarray, batch_size: int = 8) -> np.ndarray:
-        """uint8 (or float) ``(N, C, H, W)`` -> float32 softmax probabilities ``(N, K, H, W)``;
+        """Images ``(N, C, H, W)`` (any pixel type) -> float32 softmax probabilities ``(N, K, H, W)``;
         the stored normalization is applied here, other sizes are padded (reflect) and cropped."""
         images = np.asarray(images)
         if images.ndim != 4 or images.shape[1] != self.cfg.in_channels:
@@ -330,6 +330,8 @@ class MxModel:
         mean, inv = self._norm_on(ctx)
         for s in range(0, n, batch_size):
             chunk = L.pad_to(images[s:s + batch_size], self.cfg.multiple)
+            if chunk.dtype != np.uint8:  # MXNet has no uint16/int16 arrays
+                chunk = chunk.astype(np.float32)
             x = mx.nd.array(chunk, ctx=ctx, dtype=chunk.dtype).astype("float32")
             if mean is not None:
                 x = mx.nd.broadcast_mul(mx.nd.broadcast_sub(x, mean), inv)

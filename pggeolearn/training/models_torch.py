@@ -254,7 +254,7 @@ class TorchModel:
     # -- inference -------------------------------------------------------------------------------
     @torch.no_grad()
     def predict_proba(self, images: np.ndarray, batch_size: int = 8) -> np.ndarray:
-        """uint8 (or float) ``(N, C, H, W)`` -> float32 softmax probabilities ``(N, K, H, W)``;
+        """Images ``(N, C, H, W)`` (any pixel type) -> float32 softmax probabilities ``(N, K, H, W)``;
         the stored normalization is applied here, other sizes are padded (reflect) and cropped."""
         images = np.asarray(images)
         if images.ndim != 4 or images.shape[1] != self.cfg.in_channels:
