@@ -725,8 +725,25 @@ def _relkind(conn: psycopg.Connection, schema: str, name: str) -> str | None:
     return row[0] if row else None
 
 
+def _dataset_grid(conn: psycopg.Connection, p: Predictor, srid: int, res: float,
+                  notes: list[str]) -> tuple[tuple[float, float], float] | None:
+    """The grid origin and exact resolution of the dataset the model was trained on, when
+    that grid is the model's (same CRS and pixel size): predictions fall on the chips' pixels."""
+    name = getattr(getattr(p, "record", None), "dataset", None)
+    if not name:
+        return None
+    row = conn.execute("SELECT srid, resolution, minx, maxy FROM pggeolearn.datasets WHERE name = %s",
+                       [name]).fetchone()
+    if row is None or row[0] != srid or abs(row[1] - res) > 1e-6 * res:
+        return None
+    notes.append(f"on dataset {name}'s grid (origin {row[2]:.6f}, {row[3]:.6f}, {row[1]:.6g} "
+                 "units/px), like its chips")
+    return (float(row[2]), float(row[3])), float(row[1])
+
+
 def _plan(conn: psycopg.Connection, p: Predictor, model_name: str, *, extent, extent_srid, dataset,
-          split, imagery, tile_px, names: _Names, append: bool, timeout_s: float) -> _Plan:
+          split, imagery, tile_px, names: _Names, append: bool, timeout_s: float,
+          grid_origin: Sequence[float] | None = None) -> _Plan:
     import shapely
 
     srid, res = int(p.srid), float(p.resolution)
@@ -768,6 +785,13 @@ def _plan(conn: psycopg.Connection, p: Predictor, model_name: str, *, extent, ex
         ext = _transform_extent(conn, extent, src, srid)
         if src != srid:
             notes.append(f"extent given in EPSG:{src} was transformed to the model's EPSG:{srid}")
+    if grid_origin is not None:
+        anchor = (float(grid_origin[0]), float(grid_origin[1]))
+        notes.append(f"grid origin ({anchor[0]:.6f}, {anchor[1]:.6f}) as asked")
+    elif anchor is None:
+        found = _dataset_grid(conn, p, srid, res, notes)
+        if found is not None:
+            anchor, res = found
 
     if append:
         schema, name = names.out
@@ -1164,7 +1188,8 @@ def predict(dsn_or_conn: psycopg.Connection | str | None, model: str | Predictor
             vectorize: bool = True, polygons: str | None = None, min_pixels: int = 4,
             overwrite: bool = False, append: bool = False, batch_size: int = 8,
             tile_px: int = 256, overviews: Sequence[int] = (2, 4), device: str | None = None,
-            timeout_s: float = DEFAULT_TIMEOUT_S, progress: bool = True) -> PredictReport:
+            timeout_s: float = DEFAULT_TIMEOUT_S, progress: bool = True,
+            grid_origin: Sequence[float] | None = None) -> PredictReport:
     """Run ``model`` over an extent (or a dataset split's area) and write the outputs.
 
     ``model``: a registry name, ``module:attribute``, or a :class:`Predictor` object.
@@ -1176,7 +1201,10 @@ def predict(dsn_or_conn: psycopg.Connection | str | None, model: str | Predictor
     (or ``polygons``) beside it. ``overlap`` defaults to 32 pixels (at most a quarter of the
     model's window). ``min_pixels``: smaller objects are left out of the polygon table and
     smaller holes filled (the class raster keeps every pixel). See the module docstring for
-    stitching, memory and atomicity.
+    stitching, memory and atomicity. The output grid is the model's dataset's (origin and
+    exact resolution, so predictions fall on the chips' pixels) when the model has one in the
+    same CRS and pixel size; else the imagery's own grid when it is the model's; else pixel
+    edges on multiples of the resolution. ``grid_origin`` (x, y) says otherwise.
     """
     started = time.perf_counter()
     if stitch not in STITCH_MODES:
@@ -1205,12 +1233,12 @@ def predict(dsn_or_conn: psycopg.Connection | str | None, model: str | Predictor
         _check_outputs(control, names, overwrite, append)
         plan = _plan(control, p, model_name, extent=extent, extent_srid=extent_srid, dataset=dataset,
                      split=split, imagery=imagery, tile_px=tile_px, names=names, append=append,
-                     timeout_s=timeout_s)
+                     timeout_s=timeout_s, grid_origin=grid_origin)
         params = {"extent": list(extent) if extent is not None else None, "extent_srid": extent_srid,
                   "dataset": dataset, "split": split if dataset else None, "imagery": imagery,
                   "out": names.show(names.out), "overlap": overlap, "stitch": stitch,
                   "probabilities": probabilities, "vectorize": vectorize, "tile_px": tile_px,
-                  "min_pixels": min_pixels,
+                  "min_pixels": min_pixels, "grid_origin": list(grid_origin) if grid_origin else None,
                   "batch_size": batch_size, "overwrite": overwrite, "append": append,
                   "framework": str(getattr(p, "framework", "")), "window": int(p.tile_px)}
         g = plan.grid
