@@ -1,7 +1,8 @@
 """Chip store build rate (chips/s) for ``--jobs 1`` and ``--jobs 2``, and label write rates.
 
 Scenes: a synthetic road scene (4096 px = 256 tiles of 256 px; roads buffered by class ->
-class 1, buildings -> class 2) and, when ../shared/data is present, Banepa (192 tiles, OSM
+class 1, buildings -> class 2), the same scene as a lon/lat file on a UTM grid (every chip
+reprojected from the import tiles it overlaps) and, when ../shared/data is present, Banepa (192 tiles, OSM
 buildings). Each build is ``chips.build(..., force=True)``: every tile recomputed (image_tile +
 label_tile in READ ONLY transactions into a staging table, then moved into pggeolearn.chips);
 the rate counts that phase only (splits and statistics are reported apart). Each build starts
@@ -36,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import SHARED_DATA, conditions, cores_free, print_table, scratch_database  # noqa: E402
 
 from pggeolearn import chips, datasets, importers  # noqa: E402
-from pggeolearn.synthetic import make_scene  # noqa: E402
+from pggeolearn.synthetic import make_scene, scene_variant, utm_epsg  # noqa: E402
 
 ROADS_SQL = """
 SELECT geom, 1 AS class_id,
@@ -180,6 +181,17 @@ def main() -> None:
             image_sql="SELECT rast FROM public.imagery WHERE ST_Intersects(rast, tile_geom)",
             label_sql=ROADS_SQL, classes={1: "road", 2: "building"}))
         scenes = [("synthetic roads", "roads")]
+        # the same scene as a lon/lat file on a UTM grid: every chip is warped from the
+        # import tiles it overlaps (mosaicked in EPSG:4326, then reprojected once)
+        lonlat = scene_variant(scene, Path(tmp) / "lonlat.tif", crs=4326)
+        importers.import_raster(conn, [lonlat], "public.imagery_lonlat", progress=False)
+        datasets.create(conn, datasets.Recipe(
+            name="roads_utm", srid=utm_epsg(85.52, 27.63), resolution=0.5,
+            extent_from="public.imagery_lonlat",
+            image_sql="SELECT rast FROM public.imagery_lonlat "
+                      "WHERE ST_Intersects(rast, ST_Transform(tile_geom, 4326))",
+            label_sql=ROADS_SQL, classes={1: "road", 2: "building"}))
+        scenes.append(("synthetic roads, lon/lat source, UTM grid", "roads_utm"))
         banepa = SHARED_DATA / "banepa"
         if (banepa / "imagery").is_dir():
             importers.import_raster(conn, [banepa / "imagery" / "banepa_train_mosaic_epsg3857.tif"],
@@ -206,7 +218,8 @@ def main() -> None:
                 # the cores it kept busy on average over the whole call
                 cpu_cols = ["-", "-"] if cpu is None else [f"{cpu / r.built * 1000:.1f}",
                                                            f"{cpu / r.seconds:.2f}"]
-                rows.append([f"chips build, {title}, --jobs {jobs}", r.built, f"{r.rate:.1f}",
+                rows.append([f"chips build, {title}, --jobs {jobs} ({1000 / r.rate:.0f} ms/chip)",
+                             r.built, f"{r.rate:.1f}",
                              f"{r.rate / one.rate:.2f}x", *cpu_cols])
             notes.append(f"{title}: splits + statistics {one.seconds - one.build_seconds:.2f} s "
                          f"after the build; splits {one.stats['splits']}")

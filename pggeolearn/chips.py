@@ -33,7 +33,8 @@ Building (:func:`build`, ``pggeolearn chips build``)
     Imagery that is there but NODATA everywhere (``nodata_frac`` = 1) counts as *empty*.
     ``nodata_frac`` is the largest fraction of NODATA pixels over the bands that declare a
     NODATA value (1 for orphans). ``class_counts[k]`` (Python, 0-based; ``[k + 1]`` in SQL)
-    is the number of label pixels of class ``k``, for k = 0 .. the largest class id.
+    is the number of label pixels of class ``k`` where the image has data
+    (``pggeolearn.valid_label``: NODATA pixels are no class), for k = 0 .. the largest class id.
 
 Splits: :func:`assign_splits` and :func:`leakage` (see :mod:`pggeolearn.splits`), run with the
 stored parameters (else the defaults) at the end of every build.

@@ -30,6 +30,9 @@ from pggeolearn.db.schema import require_schema
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 INT_TYPES = {"int2", "int4", "int8"}
+# image_tile's resampling methods; nearest (the default) keeps source values exact in every
+# pixel type and never mixes NODATA into valid pixels
+RESAMPLING = ("nearest", "bilinear", "cubic")
 NUMBER_TYPES = INT_TYPES | {"float4", "float8", "numeric"}
 TILE_CTE = """WITH tile AS (
     SELECT g.tile_id, g.geom AS tile_geom, g.ref_rast AS tile_rast, %(srid)s::integer AS tile_srid,
@@ -62,6 +65,7 @@ class Recipe:
     extent: tuple[float, float, float, float] | None = None
     extent_from: str | None = None
     all_touched: bool = False
+    resampling: str = "nearest"  # how image_tile samples imagery: nearest, bilinear, cubic
 
     @classmethod
     def from_toml(cls, path: str | Path, **overrides: Any) -> Recipe:
@@ -105,6 +109,9 @@ class Recipe:
             minx, miny, maxx, maxy = self.extent
             if not (maxx > minx and maxy > miny):
                 raise errors.ConfigError(f"empty extent {self.extent}")
+        if self.resampling not in RESAMPLING:
+            raise errors.ConfigError(f"unknown resampling {self.resampling!r}: "
+                                     f"one of {', '.join(RESAMPLING)}")
         if not self.classes:
             raise errors.ConfigError("at least one class is needed (e.g. classes = {1 = 'road'})")
 
@@ -116,6 +123,8 @@ class Recipe:
         if self.extent is not None:  # (0, 0, 1, 1) and (0.0, 0.0, 1.0, 1.0) are one recipe
             d["extent"] = [float(v) for v in self.extent]
         d["classes"] = {str(k): v for k, v in sorted(self.classes.items())}
+        if self.resampling == "nearest":  # the default: recipes made before it keep their hash
+            d.pop("resampling")
         return d
 
     def digest(self) -> str:
@@ -173,7 +182,7 @@ class Dataset:
             f"extent: {minx:.3f} {miny:.3f} {maxx:.3f} {maxy:.3f}",
             "classes: 0=background, " + ", ".join(f"{k}={v}" for k, v in r.classes.items()),
             f"rasterization: {'all touched' if r.all_touched else 'pixel centre'}; "
-            "overlaps: the higher class id wins",
+            "overlaps: the higher class id wins; imagery resampling: " + r.resampling,
         ]
         lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
@@ -439,7 +448,8 @@ def get(conn: psycopg.Connection, name: str, *, notes: list[str] | None = None) 
     recipe = Recipe(name=name, srid=srid, resolution=res, tile_px=tile_px, overlap_px=overlap,
                     extent=(minx, miny, maxx, maxy), image_sql=image_sql, label_sql=label_sql,
                     classes=parse_classes(classes), all_touched=all_touched,
-                    extent_from=meta.get("extent_from"))
+                    extent_from=meta.get("extent_from"),
+                    resampling=meta.get("resampling", "nearest"))
     ncols, nrows = grid_shape(recipe)
     cols = ["geom", "class_id"] + (["buffer_m"] if meta.get("label_has_buffer") else [])
     return Dataset(recipe, digest, ncols, nrows, cols, notes or [], stats)

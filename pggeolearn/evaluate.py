@@ -37,13 +37,22 @@ from pggeolearn import errors, outputs, palette, runs, wkb
 from pggeolearn.db.connect import connect
 from pggeolearn.db.errors import db_errors, translate
 from pggeolearn.db.schema import require_schema
-from pggeolearn.predict import Predictor, _call_model, _class_ids, _dsn_of, _relkind, load_model
+from pggeolearn.predict import (
+    Predictor,
+    _call_model,
+    _class_ids,
+    _dsn_of,
+    _relkind,
+    check_pixel_types,
+    input_pixel_types,
+    load_model,
+)
 from pggeolearn.resources import sql_text
 from pggeolearn.training import metrics
 
 __all__ = ["EvalReport", "TileScore", "evaluate"]
 
-IGNORE = 255  # truth value of pixels left out of the metrics
+IGNORE = metrics.IGNORE  # truth value of pixels left out of the metrics
 MIOU_RANGES = list(palette.IOU_RANGES)
 
 
@@ -129,6 +138,11 @@ def _column_names(classes: dict[int, str]) -> list[str]:
 def _rgb(image: np.ndarray, nodata: tuple) -> np.ndarray:
     """(H, W, 3) uint8 for display: the first three bands (or the first, as gray)."""
     bands = image[:3] if image.shape[0] >= 3 else np.repeat(image[:1], 3, axis=0)
+    if bands.dtype != np.uint8:  # 16-bit, float: stretched (2-98 %) over the valid pixels
+        valid = wkb.valid_mask(image, nodata)
+        vals = bands[:, valid].astype(np.float64)
+        lo, hi = np.percentile(vals, [2, 98]) if vals.size else (0.0, 1.0)
+        bands = np.clip((bands.astype(np.float64) - lo) / max(hi - lo, 1e-9) * 255, 0, 255)
     return np.ascontiguousarray(np.moveaxis(bands, 0, -1)).astype(np.uint8)
 
 
@@ -248,6 +262,7 @@ def _run(dsn, p: Predictor, model_name: str, ds, split: str, n: int, run_id: int
     lut = np.full(256, IGNORE, np.uint8)  # label class id -> model channel
     lut[class_ids] = np.arange(k, dtype=np.uint8)
     names = [str(p.classes[int(c)]) for c in class_ids]
+    want_types = input_pixel_types(p)
     cm = np.zeros((k, k), np.int64)
     per_tile: list[tuple[TileScore, bytes]] = []
     heap: list[tuple[float, int, Any]] = []  # the n worst: (-miou, -tile_id, payload)
@@ -257,11 +272,8 @@ def _run(dsn, p: Predictor, model_name: str, ds, split: str, n: int, run_id: int
         x = np.stack([b[1] for b in batch])
         y = _call_model(p, x, k)
         pred = y.argmax(axis=1).astype(np.uint8)
-        for (tile_id, img, truth, nodata, geom), pr, probs in zip(batch, pred, y, strict=True):
-            t = lut[truth]
-            if all(v is not None for v in nodata):
-                is_nd = np.all(img == np.asarray(nodata, img.dtype)[:, None, None], axis=0)
-                t = np.where(is_nd, IGNORE, t)
+IGNORE = metrics.IGNORE  # truth value of pixels left out of the metrics
+MIOU_RANGES = list(palette.IOU_RANGES)
             tcm = metrics.confusion_matrix(pr, t, k)
             cm += tcm
             iou = metrics.iou_per_class(tcm)
@@ -289,9 +301,8 @@ def _run(dsn, p: Predictor, model_name: str, ds, split: str, n: int, run_id: int
                     raise errors.ChipError(f"chip {tile_id} of {ds.name} is {img.bands} x {img.height} x "
                                            f"{img.width}; model {model_name} takes {p.bands} x {p.tile_px}"
                                            f" x {p.tile_px}")
-                if img.data.dtype != np.uint8:
-                    raise errors.ChipError(f"chip {tile_id} of {ds.name} is {img.pixel_types[0]}, "
-                                           f"model {model_name} takes 8BUI imagery")
+                if img.pixel_types != want_types:
+                    check_pixel_types(p, model_name, img.pixel_types, f"chip {tile_id} of {ds.name}")
                 batch.append((tile_id, img.data, np.asarray(lab.data[0], np.uint8), img.nodata, bytes(geom)))
                 if len(batch) == batch_size:
                     flush(batch)

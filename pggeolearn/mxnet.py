@@ -42,7 +42,9 @@ __all__ = ["GeoIter", "mx"]
 class GeoIter(mx.io.DataIter):
     """Batches of a dataset split as ``mx.io.DataBatch`` (``data``: float32 ``(N, C, H, W)``
     normalized on ``ctx``; ``label``: ``(N, H, W)`` class ids as ``label_dtype``; ``pad``;
-    ``index``: the tile ids).
+    ``index``: the tile ids; ``valid``: ``(N, H, W)`` float32 on ``ctx``, 0 on NODATA pixels,
+    to leave them out of losses and metrics; an attribute, not a second label, so
+    ``Module.fit`` binds the one label it knows).
 
     Works with ``mx.mod.Module.fit`` and Gluon loops. ``reset()`` moves to the next epoch (new
     shuffle and augmentation) once the current one has started; ``num_parts``/``part_index``
@@ -180,7 +182,7 @@ class GeoIter(mx.io.DataIter):
         batch = next(self._it)  # StopIteration ends the epoch, as DataIter expects
         self._started = True
         label = np.ascontiguousarray(batch["label"], dtype=self.label_dtype)
-        return mx.io.DataBatch(
+        out = mx.io.DataBatch(
             data=[self.to_data(batch["image"])],
             label=[mx.nd.from_numpy(label, zero_copy=True).as_in_context(self.ctx)],
             pad=int(batch["pad"]),
@@ -188,6 +190,8 @@ class GeoIter(mx.io.DataIter):
             provide_data=self._provide_data,
             provide_label=self._provide_label,
         )
+        out.valid = mx.nd.array(batch["valid"].astype(np.float32), ctx=self.ctx, dtype="float32")
+        return out
 
     def to_data(self, images: np.ndarray) -> mx.nd.NDArray:
         """A batch of the stream -> float32 NDArray on ``ctx``, normalized.

@@ -110,8 +110,9 @@ _INFRA_SQLSTATE = ("08", "53", "57", "58", "XX")
 class Predictor(Protocol):
     """What prediction needs of a model (``pggeolearn.training.registry.LoadedModel`` is one).
 
-    ``predict_proba`` takes ``(N, bands, tile_px, tile_px)`` uint8 images (the imagery's raw
-    values; the model normalizes them itself) and returns ``(N, K, tile_px, tile_px)`` float32
+    ``predict_proba`` takes ``(N, bands, tile_px, tile_px)`` images in the pixel type the model
+    was trained on (:func:`input_pixel_types`; the imagery's raw values, the model normalizes
+    them itself) and returns ``(N, K, tile_px, tile_px)`` float32
     probabilities (softmax over the K classes, background included); channel ``k`` is the
     ``k``-th smallest class id of ``classes``.
     """
@@ -152,6 +153,25 @@ def check_predictor(obj: Any, label: str = "model") -> Predictor:
         raise errors.ConfigError(f"{label} has bad metadata: tile_px {tile_px}, bands {bands}, "
                                  f"srid {srid}, resolution {res}")
     return obj
+
+
+def input_pixel_types(p: Predictor) -> tuple[str, ...]:
+    """The PostGIS pixel types of the imagery ``p`` takes, one per band: what training recorded
+    (``normalization["pixel_types"]``), else 8BUI (models trained before it was recorded)."""
+    norm = p.normalization if isinstance(p.normalization, dict) else {}
+    types = norm.get("pixel_types") or ["8BUI"] * int(p.bands)
+    return tuple(str(t) for t in types[: int(p.bands)])
+
+
+def check_pixel_types(p: Predictor, model_name: str, types: Sequence[str], what: str) -> np.dtype:
+    """The numpy dtype of the model's input, after checking that ``what`` (imagery, chips)
+    has the pixel types the model was trained on; a mismatch names both sides."""
+    want = input_pixel_types(p)
+    got = tuple(types[: len(want)])
+    if got != want:
+        raise errors.ConfigError(f"{what} has {','.join(got) or 'no'} bands; model {model_name} "
+                                 f"was trained on {','.join(want)} imagery")
+    return wkb.PIXEL_TYPES[want[0]].dtype
 
 
 def load_model(conn: psycopg.Connection, model: str | Predictor, *, device: str | None = None
@@ -709,8 +729,25 @@ def _relkind(conn: psycopg.Connection, schema: str, name: str) -> str | None:
     return row[0] if row else None
 
 
+def _dataset_grid(conn: psycopg.Connection, p: Predictor, srid: int, res: float,
+                  notes: list[str]) -> tuple[tuple[float, float], float] | None:
+    """The grid origin and exact resolution of the dataset the model was trained on, when
+    that grid is the model's (same CRS and pixel size): predictions fall on the chips' pixels."""
+    name = getattr(getattr(p, "record", None), "dataset", None)
+    if not name:
+        return None
+    row = conn.execute("SELECT srid, resolution, minx, maxy FROM pggeolearn.datasets WHERE name = %s",
+                       [name]).fetchone()
+    if row is None or row[0] != srid or abs(row[1] - res) > 1e-6 * res:
+        return None
+    notes.append(f"on dataset {name}'s grid (origin {row[2]:.6f}, {row[3]:.6f}, {row[1]:.6g} "
+                 "units/px), like its chips")
+    return (float(row[2]), float(row[3])), float(row[1])
+
+
 def _plan(conn: psycopg.Connection, p: Predictor, model_name: str, *, extent, extent_srid, dataset,
-          split, imagery, tile_px, names: _Names, append: bool, timeout_s: float) -> _Plan:
+          split, imagery, tile_px, names: _Names, append: bool, timeout_s: float,
+          grid_origin: Sequence[float] | None = None) -> _Plan:
     import shapely
 
     srid, res = int(p.srid), float(p.resolution)
@@ -752,6 +789,13 @@ def _plan(conn: psycopg.Connection, p: Predictor, model_name: str, *, extent, ex
         ext = _transform_extent(conn, extent, src, srid)
         if src != srid:
             notes.append(f"extent given in EPSG:{src} was transformed to the model's EPSG:{srid}")
+    if grid_origin is not None:
+        anchor = (float(grid_origin[0]), float(grid_origin[1]))
+        notes.append(f"grid origin ({anchor[0]:.6f}, {anchor[1]:.6f}) as asked")
+    elif anchor is None:
+        found = _dataset_grid(conn, p, srid, res, notes)
+        if found is not None:
+            anchor, res = found
 
     if append:
         schema, name = names.out
@@ -770,10 +814,7 @@ def _plan(conn: psycopg.Connection, p: Predictor, model_name: str, *, extent, ex
         raise errors.SridMismatch(f"{label} returns rasters with SRID 0: set their SRID first")
     if nbands < p.bands:
         raise errors.ConfigError(f"{label} has {nbands} band(s); model {model_name} needs {p.bands}")
-    bad = [t for t in types[: p.bands] if t != "8BUI"]
-    if bad:
-        raise errors.ConfigError(f"{label} has {','.join(types[: p.bands])} bands; model "
-                                 f"{model_name} takes 8-bit (8BUI) imagery")
+    check_pixel_types(p, model_name, types, label)
     same_grid = (i_srid == srid and kx == 0 and ky == 0 and abs(abs(sx) - res) <= 1e-6 * res
                  and abs(abs(sy) - res) <= 1e-6 * res)
     if i_srid != srid:
@@ -825,9 +866,10 @@ def _paste(img: np.ndarray, valid: np.ndarray, buf: bytes, warped: bool, bx0: fl
     if tile.bands < need:
         raise errors.ConfigError(f"{label}: a raster at ({gt[0]:.3f}, {gt[3]:.3f}) has "
                                  f"{tile.bands - (1 if warped else 0)} band(s), the model needs {bands}")
-    if any(t != "8BUI" for t in tile.pixel_types[:bands]):
+    if any(tile.band(b).dtype.newbyteorder("=") != img.dtype for b in range(bands)):
         raise errors.ConfigError(f"{label}: a raster at ({gt[0]:.3f}, {gt[3]:.3f}) has "
-                                 f"{','.join(tile.pixel_types[:bands])} bands, not 8BUI")
+                                 f"{','.join(tile.pixel_types[:bands])} bands, the model takes "
+                                 f"{img.dtype} pixels")
     dx, dy = (gt[0] - bx0) / res, (by0 - gt[3]) / res
     ix, iy = round(dx), round(dy)
     if abs(dx - ix) > 1e-3 or abs(dy - iy) > 1e-3:
@@ -917,7 +959,7 @@ class _BandReader:
                                     binary=True)
         except psycopg.Error as exc:
             raise _user_sql_error(exc, f"{self.plan.imagery_label} fails for window row {r}") from exc
-        img = np.zeros((p.bands, st.window, bw), np.uint8)
+        img = np.zeros((p.bands, st.window, bw), wkb.PIXEL_TYPES[input_pixel_types(p)[0]].dtype)
         valid = np.zeros((st.window, bw), bool)
         for buf, warped in rows:
             _paste(img, valid, buf, bool(warped), bx0, by0, g.res, int(p.bands), label)
@@ -1148,7 +1190,8 @@ def predict(dsn_or_conn: psycopg.Connection | str | None, model: str | Predictor
             vectorize: bool = True, polygons: str | None = None, min_pixels: int = 4,
             overwrite: bool = False, append: bool = False, force: bool = False, batch_size: int = 8,
             tile_px: int = 256, overviews: Sequence[int] = (2, 4), device: str | None = None,
-            timeout_s: float = DEFAULT_TIMEOUT_S, progress: bool = True) -> PredictReport:
+            timeout_s: float = DEFAULT_TIMEOUT_S, progress: bool = True,
+            grid_origin: Sequence[float] | None = None) -> PredictReport:
     """Run ``model`` over an extent (or a dataset split's area) and write the outputs.
 
     ``model``: a registry name, ``module:attribute``, or a :class:`Predictor` object.
@@ -1160,7 +1203,10 @@ def predict(dsn_or_conn: psycopg.Connection | str | None, model: str | Predictor
     (or ``polygons``) beside it. ``overlap`` defaults to 32 pixels (at most a quarter of the
     model's window). ``min_pixels``: smaller objects are left out of the polygon table and
     smaller holes filled (the class raster keeps every pixel). See the module docstring for
-    stitching, memory and atomicity.
+    stitching, memory and atomicity. The output grid is the model's dataset's (origin and
+    exact resolution, so predictions fall on the chips' pixels) when the model has one in the
+    same CRS and pixel size; else the imagery's own grid when it is the model's; else pixel
+    edges on multiples of the resolution. ``grid_origin`` (x, y) says otherwise.
     """
     started = time.perf_counter()
     if stitch not in STITCH_MODES:
@@ -1191,13 +1237,13 @@ def predict(dsn_or_conn: psycopg.Connection | str | None, model: str | Predictor
                                      f"(model windows are {p.tile_px} px), not {overlap}")
         plan = _plan(control, p, model_name, extent=extent, extent_srid=extent_srid, dataset=dataset,
                      split=split, imagery=imagery, tile_px=tile_px, names=names, append=append,
-                     timeout_s=timeout_s)
+                     timeout_s=timeout_s, grid_origin=grid_origin)
         outputs.refuse_reads(_outputs(names, overviews), _reads(control, plan, timeout_s))
         params = {"extent": list(extent) if extent is not None else None, "extent_srid": extent_srid,
                   "dataset": dataset, "split": split if dataset else None, "imagery": imagery,
                   "out": names.show(names.out), "overlap": overlap, "stitch": stitch,
                   "probabilities": probabilities, "vectorize": vectorize, "tile_px": tile_px,
-                  "min_pixels": min_pixels,
+                  "min_pixels": min_pixels, "grid_origin": list(grid_origin) if grid_origin else None,
                   "batch_size": batch_size, "overwrite": overwrite, "append": append,
                   "framework": str(getattr(p, "framework", "")), "window": int(p.tile_px)}
         g = plan.grid

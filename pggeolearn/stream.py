@@ -2,8 +2,10 @@
 
 A :class:`GeoStream` iterates one split of a dataset's chip store (``pggeolearn.chips``), or
 computes tiles on the fly from the recipe (:meth:`GeoStream.live`), and yields batches: dicts
-with the fixed keys ``image`` ``(N, C, H, W)``, ``label`` ``(N, H, W)`` (uint8 class ids),
-``tile_id`` ``(N,)``, ``transform`` ``(N, 6)`` (GDAL geotransforms), ``srid`` ``(N,)`` and
+with the fixed keys ``image`` ``(N, C, H, W)`` (the chips' own dtype: uint8, uint16, int16,
+float32, ..., or float32 when normalized), ``label`` ``(N, H, W)`` (uint8 class ids), ``valid``
+``(N, H, W)`` (bool, False on NODATA pixels: :func:`pggeolearn.wkb.valid_mask`), ``tile_id``
+``(N,)``, ``transform`` ``(N, 6)`` (GDAL geotransforms), ``srid`` ``(N,)`` and
 ``pad`` (how many trailing samples repeat earlier ones to fill the last batch).
 
 How it is fast and safe:
@@ -89,7 +91,7 @@ TRAINING_SPLITS = ("train", "val", "test")  # what split="all" means
 LAST_BATCH = ("pad", "discard", "rollover")
 TRANSPORTS = ("copy", "cursor")
 SOURCES = ("chips", "live")
-BATCH_KEYS = ("image", "label", "tile_id", "transform", "srid", "pad")
+BATCH_KEYS = ("image", "label", "valid", "tile_id", "transform", "srid", "pad")
 
 Batch = dict[str, Any]
 
@@ -1082,6 +1084,7 @@ class _Run:
         return {
             "image": np.empty((b, c, h, w), job.out_dtype),
             "label": np.empty((b, h, w), np.uint8),
+            "valid": np.empty((b, h, w), bool),
             "tile_id": np.empty(b, np.int64),
             "transform": np.empty((b, 6), np.float64),
             "srid": np.empty(b, np.int32),
@@ -1097,10 +1100,11 @@ class _Run:
         if slot == 0:
             self._batch = self._new_batch()
         batch = self._batch
-        img_view, lab_view, gt, srid = self._decode(tile_id, image, label)
+        img_view, lab_view, gt, srid, valid = self._decode(tile_id, image, label)
         if job.augment:
             code = aug_code(job.seed, job.epoch, tile_id)
             lab_view = dihedral(lab_view, code)
+            valid = dihedral(valid, code)
             if img_view is not None:
                 img_view = dihedral(img_view, code)
         if img_view is None:
@@ -1113,6 +1117,7 @@ class _Run:
         else:
             np.copyto(batch["image"][slot], img_view, casting="unsafe")
         np.copyto(batch["label"][slot], lab_view)
+        batch["valid"][slot] = valid
         batch["tile_id"][slot] = tile_id
         batch["transform"][slot] = gt
         batch["srid"][slot] = srid
@@ -1143,7 +1148,7 @@ class _Run:
         if image is None:
             if job.source == "live":
                 job.stats["empty_tiles"] += 1
-                return None, lab.data[0], lab.geotransform, lab.srid
+                return None, lab.data[0], lab.geotransform, lab.srid, np.zeros((h, w), bool)
             raise errors.ChipError(f"{name} has no image (NULL or missing chip)")
         try:
             img = wkb.decode(image)
@@ -1154,7 +1159,7 @@ class _Run:
             raise errors.ChipError(
                 f"{name}: image is {img.bands} band(s) of {'/'.join(img.pixel_types) or '-'} "
                 f"{img.width}x{img.height}, expected {c} band(s) of {job.wire_dtype} {w}x{h}")
-        return img.data, lab.data[0], img.geotransform, img.srid
+        return img.data, lab.data[0], img.geotransform, img.srid, img.valid()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -41,6 +41,7 @@ __all__ = [
     "make_scene",
     "mercator_to_lonlat",
     "scene_label_reference",
+    "scene_variant",
     "utm_epsg",
 ]
 
@@ -853,6 +854,97 @@ def scene_label_reference(
         return np.zeros((height, width), dtype=np.uint8)
     return rasterize(shapes, out_shape=(height, width), fill=0, transform=transform,
                      all_touched=all_touched, dtype="uint8")
+
+
+# --------------------------------------------------------------------------------------------
+# the scene zoo: the same scene as the imagery users bring (other CRSs, grids, pixel types)
+
+#: How uint8 RGB values map to other pixel types (value -> value * scale + offset).
+_VARIANT_SCALE = {"uint8": (1, 0), "uint16": (257, 0), "int16": (100, -12000),
+                  "float32": (1 / 255, 0)}
+
+
+def scene_variant(
+    scene: Scene,
+    path: str | Path,
+    *,
+    crs: int | None = None,
+    resolution: float | None = None,
+    shift_px: tuple[float, float] = (0.0, 0.0),
+    dtype: str = "uint8",
+    bands: int = 3,
+    nodata: float | None = None,
+    nodata_edge_px: int = 0,
+    alpha: bool = False,
+) -> Path:
+    """Write the scene's image as another kind of file, for tests on real-looking imagery.
+
+    ``crs`` / ``resolution``: warped (nearest) onto that CRS (EPSG code) and square pixel size
+    (default: the scene's CRS; GDAL's suggested resolution), the grid origin moved by
+    ``shift_px`` pixels (x right, y down) so it is not aligned with the scene's grid.
+    ``dtype``: uint8, uint16 (x257), int16 (x100 - 12000) or float32 (/255). ``bands``: 1 (the
+    mean of RGB), 3 (RGB) or 4 and more (RGB, then bands derived from them). ``nodata``:
+    written as the file's NODATA value; the area outside the warped scene and a band of
+    ``nodata_edge_px`` pixels along the left and bottom edges get it. ``alpha``: a last alpha
+    band (255 on imagery, 0 outside and on the edge band) instead of a NODATA value.
+    """
+    from rasterio.warp import Resampling, calculate_default_transform, reproject
+
+    if dtype not in _VARIANT_SCALE:
+        raise ValueError(f"dtype must be one of {', '.join(_VARIANT_SCALE)}")
+    if bands < 1 or bands == 2:
+        raise ValueError("bands must be 1 or >= 3")
+    if alpha and nodata is not None:
+        raise ValueError("give alpha or nodata, not both")
+    path = Path(path)
+    with rasterio.open(scene.image_path) as src:
+        rgb = src.read()
+        dst_crs = CRS.from_epsg(crs or scene.srid)
+        if crs is None and resolution is None and shift_px == (0.0, 0.0):
+            transform, width, height = src.transform, src.width, src.height
+        else:
+            transform, width, height = calculate_default_transform(
+                src.crs, dst_crs, src.width, src.height, *src.bounds, resolution=resolution)
+            transform = transform @ Affine.translation(-shift_px[0], -shift_px[1])
+            width, height = width + 2, height + 2  # room for the shift
+        out = np.zeros((3, height, width), np.uint8)
+        covered = np.zeros((height, width), np.uint8)
+        reproject(rgb, out, src_transform=src.transform, src_crs=src.crs, dst_transform=transform,
+                  dst_crs=dst_crs, resampling=Resampling.nearest)
+        reproject(np.ones(rgb.shape[1:], np.uint8), covered, src_transform=src.transform,
+                  src_crs=src.crs, dst_transform=transform, dst_crs=dst_crs,
+                  resampling=Resampling.nearest, dst_nodata=0)
+    valid = covered.astype(bool)
+    if nodata_edge_px:
+        valid[:, :nodata_edge_px] = False
+        valid[-nodata_edge_px:, :] = False
+    f = out.astype(np.float64)
+    layers = [f.mean(axis=0)] if bands == 1 else list(f)
+    for k in range(3, bands):  # derived bands: weighted mixes of RGB
+        w = np.roll(np.array([0.6, 0.3, 0.1]), k)
+        layers.append(np.tensordot(w, f, axes=1))
+    scale, offset = _VARIANT_SCALE[dtype]
+    data = np.stack(layers) * scale + offset
+    if dtype != "float32":
+        data = np.rint(data)
+    data = data.astype(dtype)
+    if nodata is not None:
+        data[:, ~valid] = nodata
+    profile = {"driver": "GTiff", "width": width, "height": height, "count": len(data) + alpha,
+               "dtype": dtype, "crs": dst_crs, "transform": transform, "nodata": nodata,
+               "tiled": True, "blockxsize": 256, "blockysize": 256, "compress": "deflate"}
+    with rasterio.Env(GDAL_PAM_ENABLED="NO"), rasterio.open(path, "w", **profile) as dst:
+        dst.write(data, indexes=list(range(1, len(data) + 1)))
+        if alpha:
+            top = np.iinfo(dtype).max if dtype != "float32" else 1.0
+            dst.write(np.where(valid, top, 0).astype(dtype), len(data) + 1)
+            from rasterio.enums import ColorInterp
+
+            interp = ([ColorInterp.gray] if len(data) == 1 else
+                      [ColorInterp.red, ColorInterp.green, ColorInterp.blue]
+                      + [ColorInterp.undefined] * (len(data) - 3))
+            dst.colorinterp = [*interp, ColorInterp.alpha]
+    return path
 
 
 def write_osm(scene: Scene, path: str | Path) -> Path:

@@ -7,7 +7,8 @@ once per epoch over all ranks and workers. The dataset holds no connection: it i
 the workers and each worker opens its own when it starts iterating.
 
 Batches come pre-batched (``DataLoader(batch_size=None)``, the fast way) as dicts of tensors:
-``image`` uint8 ``(N, C, H, W)``, ``label`` uint8 ``(N, H, W)``, ``tile_id``, ``transform``,
+``image`` ``(N, C, H, W)`` in the chips' dtype, ``label`` uint8 ``(N, H, W)``, ``valid`` bool
+``(N, H, W)`` (False on NODATA pixels), ``tile_id``, ``transform``,
 ``srid`` and ``pad``. Normalize on the device with :meth:`GeoDataset.normalize`.
 """
 
@@ -88,6 +89,7 @@ class GeoDataset(IterableDataset):
                 tensors = {
                     "image": torch.from_numpy(batch["image"]),
                     "label": torch.from_numpy(batch["label"]),
+                    "valid": torch.from_numpy(batch["valid"]),
                     "tile_id": torch.from_numpy(batch["tile_id"]),
                     "transform": torch.from_numpy(batch["transform"]),
                     "srid": torch.from_numpy(batch["srid"]),

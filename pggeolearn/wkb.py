@@ -177,6 +177,10 @@ class RasterTile:
         """Band ``i`` (0-based) as ``(height, width)`` in its pixel type's own dtype."""
         return self.data[i] if self._bands is None else self._bands[i]
 
+    def valid(self) -> np.ndarray:
+        """``(height, width)`` bool: False where the pixel is NODATA (see :func:`valid_mask`)."""
+        return valid_mask(self.data, self.nodata)
+
     def metadata(self) -> dict[str, Any]:
         """The columns of PostGIS ``ST_MetaData(rast)``."""
         gt = self.geotransform
@@ -194,6 +198,19 @@ class RasterTile:
             "isoutdb": False,
             "path": None,
         }
+
+
+def valid_mask(data: np.ndarray, nodata: Sequence[Nodata]) -> np.ndarray:
+    """``(height, width)`` bool of ``(bands, height, width)`` pixels: a pixel is NODATA (False)
+    when every band declares a NODATA value and every band holds it (NaN matches NaN). A band
+    without a NODATA value makes every pixel valid. The one rule of the chip statistics
+    (``pggeolearn.valid_label``), the streams' ``valid`` masks, training, evaluate and predict."""
+    if not len(nodata) or any(nd is None for nd in nodata):
+        return np.ones(data.shape[1:], bool)
+    invalid = np.ones(data.shape[1:], bool)
+    for b, nd in enumerate(nodata):
+        invalid &= np.isnan(data[b]) if nd != nd else data[b] == nd
+    return ~invalid
 
 
 def _as_buffer(buf: Any) -> tuple[Buffer, int]:

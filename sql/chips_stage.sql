@@ -6,7 +6,8 @@
 --                 Orphans are stored with NULL image, label and class_counts.
 --   nodata_frac   1 for an orphan; else the largest fraction of NODATA pixels over the bands
 --                 that declare a NODATA value (0 when none does)
---   class_counts  pixels per label value 0..max(%(max_class)s, largest value in the tile):
+--   class_counts  pixels per label value 0..max(%(max_class)s, largest value in the tile) where
+--                 the image has data (pggeolearn.valid_label: NODATA pixels are no class):
 --                 class_counts[k + 1] (SQL arrays start at 1) counts class k
 --   band_stats    per band [count, mean, stddev (population), min, max] of the image's pixels,
 --                 NODATA excluded: the dataset's statistics combine these rows (chips.py)
@@ -45,5 +46,6 @@ FROM (
 ) AS s
 CROSS JOIN LATERAL (
     SELECT array_agg(vc.value::integer) AS vals, array_agg(vc.count::bigint) AS cnts
-    FROM ST_ValueCount(s.label, 1, false) AS vc
+    FROM ST_ValueCount(pggeolearn.valid_label(s.image, s.label), 1, false) AS vc
+    WHERE vc.value < 255
 ) AS v

@@ -40,15 +40,18 @@ def dataset() -> None:
 @click.option("--classes", help="Class names, e.g. 1=road,2=building.")
 @click.option("--all-touched/--pixel-centre", default=None,
               help="Burn every pixel a shape touches, or only pixels whose centre is inside [centre].")
+@click.option("--resampling", type=click.Choice(datasets.RESAMPLING),
+              help="How imagery is sampled onto the grid [nearest: source values kept exactly].")
 @click.option("--overwrite", is_flag=True, help="Replace an existing dataset of that name.")
 @pass_ctx
 def create(ctx: Context, name: str, toml_path: str | None, srid, resolution, tile_px, overlap_px,
-           extent, extent_from, image_sql, label_sql, classes, all_touched, overwrite) -> None:
+           extent, extent_from, image_sql, label_sql, classes, all_touched, resampling,
+           overwrite) -> None:
     """Create dataset NAME after checking its SQL on a sample tile."""
     given = dict(name=name, srid=srid, resolution=resolution, tile_px=tile_px,
                  overlap_px=overlap_px, extent=extent or None, extent_from=extent_from,
                  image_sql=_sql_arg(image_sql), label_sql=_sql_arg(label_sql),
-                 classes=classes, all_touched=all_touched)
+                 classes=classes, all_touched=all_touched, resampling=resampling)
     if toml_path:
         recipe = datasets.Recipe.from_toml(toml_path, **given)
     else:

@@ -36,13 +36,16 @@ def import_() -> None:
               help="Tile width and height in pixels (edge tiles are smaller).")
 @click.option("--resolution", type=float, default=None, metavar="R",
               help="Resample onto a grid of this pixel size (target CRS units).")
+@click.option("--keep-alpha", is_flag=True,
+              help="Import an alpha band as a band (default: it marks NODATA, like a GDAL mask).")
 @overwrite_option
 @force_option
 @append_option
 @progress_option
 @pass_ctx
 def raster(ctx: Context, files: tuple[str, ...], table: str, srid: int | None, tile_size: int,
-           resolution: float | None, overwrite: bool, force: bool, append: bool, progress: bool) -> None:
+           resolution: float | None, keep_alpha: bool, overwrite: bool, force: bool, append: bool,
+           progress: bool) -> None:
     """Tile raster files (GeoTIFF, anything GDAL reads) into a raster table.
 
     The table matches `raster2pgsql -I -C -F -t 256x256`: rid, rast, filename, a GiST index
@@ -55,7 +58,7 @@ def raster(ctx: Context, files: tuple[str, ...], table: str, srid: int | None, t
     with connect(ctx.dsn) as conn:
         report = import_raster(conn, list(files), table, srid=srid, tile_size=tile_size,
                                resolution=resolution, overwrite=overwrite, append=append,
-                               progress=progress, force=force)
+                               progress=progress, force=force, keep_alpha=keep_alpha)
     click.echo(str(report))
 
 

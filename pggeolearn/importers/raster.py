@@ -9,7 +9,9 @@ own default resolutions), pixel edges on multiples of the resolution like ``gdal
 so AddRasterConstraints' same-alignment constraint holds. Each file covers the grid cells whose
 centres fall inside its footprint, so adjacent files meet without a gap or an overlap.
 Warped files keep their NODATA value; where a file without one does not cover its grid
-cells (a rotated footprint), the cells are 0, as with gdalwarp.
+cells (a rotated footprint), the cells are 0, as with gdalwarp. An alpha band or a GDAL mask
+(``.msk``, internal) is validity, not colour: the alpha band is left out and the pixels it masks
+get the file's NODATA value, else one that no valid pixel holds in every band (0 unless taken).
 
 The table is ``rid serial primary key, rast raster, filename text`` with a GiST index on
 ``ST_ConvexHull(rast)``, raster2pgsql's constraints and fresh statistics, all written in one
@@ -31,7 +33,7 @@ import psycopg
 import rasterio
 from psycopg import sql
 from rasterio.crs import CRS
-from rasterio.enums import Resampling
+from rasterio.enums import ColorInterp, MaskFlags, Resampling
 from rasterio.errors import CRSError, NotGeoreferencedWarning, RasterioError
 from rasterio.transform import Affine
 from rasterio.vrt import WarpedVRT
@@ -113,6 +115,8 @@ class _Source:
     height: int
     dtypes: tuple[str, ...]
     nodata: tuple[float | int | None, ...]
+    bands: tuple[int, ...] = ()  # the file's band indexes (1-based) that become table bands
+    masked: bool = False  # an alpha band or a GDAL mask says which pixels are valid
     # warped grid: pixel index of the upper-left cell on the table grid, and size
     cell: tuple[int, int] | None = None
     size: tuple[int, int] | None = None
@@ -185,7 +189,7 @@ def _check_nodata(path: Path, value: float | None, dtype: str) -> None:
         raise errors.ConfigError(f"{path}: NODATA value {value} does not fit its {dtype} pixels")
 
 
-def _read_source(path: Path) -> _Source:
+def _read_source(path: Path, keep_alpha: bool = False) -> _Source:
     with _open(path) as ds:
         if ds.count == 0:
             raise errors.ConfigError(f"{path}: has no bands")
@@ -200,8 +204,46 @@ def _read_source(path: Path) -> _Source:
         for v, dt in zip(ds.nodatavals, ds.dtypes, strict=True):
             _check_nodata(path, v, dt)
         epsg = ds.crs.to_epsg() if ds.crs else None
-        return _Source(path, ds.crs, epsg, ds.transform, ds.width, ds.height,
-                       tuple(ds.dtypes), tuple(ds.nodatavals))
+        # an alpha band or a GDAL mask (.msk, internal) is validity, not a colour: the alpha
+        # band is dropped and the pixels it masks get a NODATA value (the file's own, else
+        # one that no valid pixel holds in every band)
+        alpha = set() if keep_alpha else {i + 1 for i, ci in enumerate(ds.colorinterp)
+                                          if ci == ColorInterp.alpha}
+        bands = tuple(i for i in range(1, ds.count + 1) if i not in alpha)
+        if not bands:
+            raise errors.ConfigError(f"{path}: has only an alpha band")
+        flags = ds.mask_flag_enums[bands[0] - 1]
+        masked = bool(alpha) or (not keep_alpha and MaskFlags.per_dataset in flags
+                                 and MaskFlags.alpha not in flags and MaskFlags.nodata not in flags)
+        dtypes = tuple(ds.dtypes[i - 1] for i in bands)
+        nodata = tuple(ds.nodatavals[i - 1] for i in bands)
+        if masked:
+            given = next((v for v in nodata if v is not None), None)
+            nodata = (_free_value(ds, bands, dtypes[0]) if given is None else given,) * len(bands)
+        return _Source(path, ds.crs, epsg, ds.transform, ds.width, ds.height, dtypes, nodata,
+                       bands, masked)
+
+
+def _free_value(ds: rasterio.DatasetReader, bands: tuple[int, ...], dtype: str) -> float | int:
+    """A NODATA value for a masked file: one that no valid pixel holds in every band (0 unless
+    it is taken, then the type's maximum, minimum, 1, 2, ...; NaN for floats)."""
+    taken: set = set()
+    for row in range(0, ds.height, 512):
+        window = Window(0, row, ds.width, min(512, ds.height - row))
+        arr = ds.read(indexes=list(bands), window=window)
+        same = (arr == arr[:1]).all(axis=0) & (ds.dataset_mask(window=window) > 0)
+        taken.update(np.unique(arr[0][same]).tolist())
+    if np.dtype(dtype).kind == "f":
+        if not any(math.isnan(v) for v in taken):
+            return math.nan
+        candidates = [float(np.finfo(dtype).min)]
+    else:
+        info = np.iinfo(dtype)
+        candidates = [0, int(info.max), int(info.min), *range(1, int(info.max))]
+    for v in candidates:
+        if v not in taken:
+            return v
+    raise errors.ConfigError(f"{ds.name}: every value is used: no NODATA value left for its mask")
 
 
 def _corner_bounds(t: Affine, width: int, height: int) -> tuple[float, float, float, float]:
@@ -296,7 +338,7 @@ def _tiles(s: _Source, srid: int, tile_size: int, grid: _Grid | None, types: tup
             transform = Affine(res, 0.0, grid.ox + i0 * res, 0.0, -res, grid.oy - j0 * res)
             reader = WarpedVRT(ds, src_crs=ds.crs or grid.crs, crs=grid.crs, transform=transform,
                                width=width, height=height, resampling=Resampling.nearest)
-            nodata = (reader.nodata,) * ds.count
+            nodata = s.nodata if s.masked else (reader.nodata,) * len(s.bands)
             gt = (0.0, res, 0.0, 0.0, 0.0, -res)
 
             def upper_left(col: int, row: int) -> tuple[float, float]:
@@ -307,7 +349,10 @@ def _tiles(s: _Source, srid: int, tile_size: int, grid: _Grid | None, types: tup
                 h = min(tile_size, height - row)
                 for col in range(0, width, tile_size):
                     w = min(tile_size, width - col)
-                    arr = reader.read(window=Window(col, row, w, h))
+                    window = Window(col, row, w, h)
+                    arr = reader.read(indexes=list(s.bands), window=window)
+                    if s.masked:
+                        arr[:, reader.dataset_mask(window=window) == 0] = nodata[0]
                     bar.update(1)
                     if all(nd is not None and _all_nodata(arr[b], nd)
                            for b, nd in enumerate(nodata)):
@@ -342,6 +387,7 @@ def import_raster(
     append: bool = False,
     progress: bool = True,
     force: bool = False,
+    keep_alpha: bool = False,
 ) -> ImportReport:
     """Load raster files (globs allowed) into ``table`` as ``tile_size``² tiles.
 
@@ -349,6 +395,8 @@ def import_raster(
     ``resolution`` (target units per pixel) resamples onto a grid of that pixel size.
     ``overwrite`` replaces an existing table, ``append`` adds to it (on its grid, in its
     SRID); otherwise an existing table is an :class:`~pggeolearn.errors.AlreadyExists`.
+    An alpha band or a GDAL mask marks NODATA (the alpha band is not imported) unless
+    ``keep_alpha``, which imports the alpha band as a band like any other.
     Runs in one transaction (a savepoint when the caller has one open).
     """
     started = time.perf_counter()
@@ -360,7 +408,7 @@ def import_raster(
     _common.check_mode(overwrite, append)
     schema, name, ident, display = _common.target(table)
 
-    sources = [_read_source(p) for p in expand_paths(paths)]
+    sources = [_read_source(p, keep_alpha) for p in expand_paths(paths)]
     first = sources[0]
     for s in sources[1:]:
         if len(s.dtypes) != len(first.dtypes):

@@ -521,10 +521,18 @@ class _Training:
                 f"tiles of {r.tile_px}px do not halve {o.depth} times after a stride-{o.stem_stride} "
                 f"stem (they must be a multiple of {self.arch.multiple}px): use a smaller --depth")
         stats = self.ds.stats
+        # the model's input: what predict and evaluate check imagery against
+        pixel_types = _pixel_types(conn, dataset)
         self.normalization = {"mean": [float(b["mean"]) for b in stats["bands"]],
-                              "std": [float(b["std"]) or 1.0 for b in stats["bands"]]}
+                              "std": [float(b["std"]) or 1.0 for b in stats["bands"]],
+                              "pixel_types": pixel_types}
         if self.state is not None:
             self.normalization = self.state["normalization"]
+            had = self.normalization.get("pixel_types")
+            if had is not None and had != pixel_types:
+                raise errors.ConfigError(
+                    f"cannot resume {self.name}: it was trained on {','.join(had)} imagery, "
+                    f"dataset {self.ds.name} has {','.join(pixel_types)}")
         self.weights = class_weights(stats.get("class_pixels"), self.class_ids) \
             if o.class_weights else None
         train_counts = _class_counts(conn, dataset, "train", self.class_ids)
@@ -782,6 +790,13 @@ class _Training:
             best_epoch=best_epoch)
         # on the run's connection: it reconnects when the server restarted during training
         registry.save(self.run.connection(), record, overwrite=self.opts.overwrite or self.opts.resume)
+
+
+def _pixel_types(conn: psycopg.Connection, dataset: str) -> list[str]:
+    """The pixel types of the dataset's image bands (recorded when the recipe was made)."""
+    row = conn.execute("SELECT recipe -> 'image_bands' FROM pggeolearn.datasets WHERE name = %s",
+                       [dataset]).fetchone()
+    return [str(b["pixeltype"]) for b in (row[0] if row and row[0] else [])]
 
 
 def _scores(d: dict[str, Any]) -> M.Scores:

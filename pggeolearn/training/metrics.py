@@ -17,9 +17,13 @@ from typing import Any
 import numpy as np
 
 __all__ = [
-    "Scores", "baselines", "confusion_matrix", "constant_prediction_cm", "f1_per_class",
+    "IGNORE", "Scores", "baselines", "confusion_matrix", "constant_prediction_cm", "f1_per_class",
     "format_table", "iou_per_class", "mean_iou", "pixel_accuracy", "scores",
 ]
+
+
+#: Truth value of pixels left out of losses and metrics (NODATA, classes the model lacks).
+IGNORE = 255
 
 
 def confusion_matrix(pred: np.ndarray, true: np.ndarray, num_classes: int) -> np.ndarray:

@@ -26,6 +26,7 @@ import numpy as np
 from pggeolearn import errors
 from pggeolearn.mxnet import GeoIter, mx
 from pggeolearn.training import loop as L
+from pggeolearn.training import metrics as M
 from pggeolearn.training.registry import Architecture
 
 gluon = mx.gluon
@@ -222,6 +223,9 @@ class MxModel:
         try:
             for batch in it:
                 label = batch.label[0] if lut is None else mx.nd.take(lut, batch.label[0])
+                # NODATA pixels: out of the loss and the metrics
+                label = mx.nd.where(batch.valid > 0, label, mx.nd.full(label.shape, M.IGNORE,
+                                                                      ctx=label.context))
                 yield batch.data[0], label, int(batch.pad)
         finally:
             it.close()
@@ -245,11 +249,12 @@ class MxModel:
 
     def _weights(self, label: Any, pad: int, class_weights: np.ndarray | None) -> Any:
         nd = mx.nd
+        valid = label != M.IGNORE
         if class_weights is None:
-            w = nd.ones_like(label)
+            w = valid
         else:
             cw = nd.array(class_weights, ctx=label.context)
-            w = nd.take(cw, label)
+            w = nd.take(cw, label, mode="clip") * valid
         if pad:
             n = label.shape[0]
             keep = np.ones((n, 1, 1), np.float32)
@@ -314,7 +319,7 @@ class MxModel:
 
     # -- inference -------------------------------------------------------------------------------
     def predict_proba(self, images: np.ndarray, batch_size: int = 8) -> np.ndarray:
-        """uint8 (or float) ``(N, C, H, W)`` -> float32 softmax probabilities ``(N, K, H, W)``;
+        """Images ``(N, C, H, W)`` (any pixel type) -> float32 softmax probabilities ``(N, K, H, W)``;
         the stored normalization is applied here, other sizes are padded (reflect) and cropped."""
         images = np.asarray(images)
         if images.ndim != 4 or images.shape[1] != self.cfg.in_channels:
@@ -326,6 +331,8 @@ class MxModel:
         mean, inv = self._norm_on(ctx)
         for s in range(0, n, batch_size):
             chunk = L.pad_to(images[s:s + batch_size], self.cfg.multiple)
+            if chunk.dtype != np.uint8:  # MXNet has no uint16/int16 arrays
+                chunk = chunk.astype(np.float32)
             x = mx.nd.array(chunk, ctx=ctx, dtype=chunk.dtype).astype("float32")
             if mean is not None:
                 x = mx.nd.broadcast_mul(mx.nd.broadcast_sub(x, mean), inv)

@@ -15,6 +15,7 @@ from torch import nn
 from pggeolearn import errors
 from pggeolearn.torch import make_loader
 from pggeolearn.training import loop as L
+from pggeolearn.training import metrics as M
 from pggeolearn.training.registry import Architecture
 
 FRAMEWORK = "torch"
@@ -185,21 +186,27 @@ class TorchModel:
         lut = None if self.label_lut is None else torch.as_tensor(self.label_lut, device=self.dev).long()
         for batch in loader:
             label = batch["label"].to(self.dev, non_blocking=True).long()
-            yield self._normalize(batch["image"]), label if lut is None else lut[label], int(batch["pad"])
+            if lut is not None:
+                label = lut[label]
+            # NODATA pixels: out of the loss and the metrics
+            label = label.masked_fill(~batch["valid"].to(self.dev, non_blocking=True), M.IGNORE)
+            yield self._normalize(batch["image"]), label, int(batch["pad"])
 
     # -- one step ----------------------------------------------------------------------------
     def _weights(self, labels: torch.Tensor, pad: int, class_weights: np.ndarray | None) -> torch.Tensor:
+        valid = (labels != M.IGNORE).float()
         if class_weights is None:
-            w = torch.ones(labels.shape, dtype=torch.float32, device=self.dev)
+            w = valid
         else:
-            w = torch.as_tensor(class_weights, dtype=torch.float32, device=self.dev)[labels]
+            cw = torch.as_tensor(class_weights, dtype=torch.float32, device=self.dev)
+            w = cw[labels.clamp_max(len(cw) - 1)] * valid
         if pad:
             w[labels.shape[0] - pad:] = 0
         return w
 
     @staticmethod
     def _loss(logits: torch.Tensor, labels: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        nll = nn.functional.cross_entropy(logits, labels, reduction="none")
+        nll = nn.functional.cross_entropy(logits, labels, reduction="none", ignore_index=M.IGNORE)
         return (nll * w).sum(), w.sum()
 
     def train_step(self, images: torch.Tensor, labels: torch.Tensor, pad: int, lr: float,
@@ -248,7 +255,7 @@ class TorchModel:
     # -- inference -------------------------------------------------------------------------------
     @torch.no_grad()
     def predict_proba(self, images: np.ndarray, batch_size: int = 8) -> np.ndarray:
-        """uint8 (or float) ``(N, C, H, W)`` -> float32 softmax probabilities ``(N, K, H, W)``;
+        """Images ``(N, C, H, W)`` (any pixel type) -> float32 softmax probabilities ``(N, K, H, W)``;
         the stored normalization is applied here, other sizes are padded (reflect) and cropped."""
         images = np.asarray(images)
         if images.ndim != 4 or images.shape[1] != self.cfg.in_channels:

@@ -111,7 +111,7 @@ def test_build_one_chip_per_tile_with_orphans_and_empties(conn, small):
         img, lab = wkb.decode(image), wkb.decode(label)
         assert img.data.shape == (3, PX, PX) and lab.data.shape == (1, PX, PX)
         assert lab.upper_left == pytest.approx(tile_ul(t))
-        assert counts == np.bincount(lab.band(0).ravel(), minlength=3).tolist()
+        assert counts == np.bincount(lab.band(0)[img.valid()], minlength=3).tolist()  # NODATA: no class
     assert any(r[5][2] > 0 for r in rows if r[5])  # the squares are there
     s = report.stats
     assert (s["orphans"], s["empties"], s["nodata_excluded"]) == (2, 1, 4)
@@ -189,7 +189,8 @@ def test_stats_match_numpy_over_train_chips(conn, small):
         assert band["std"] == pytest.approx(v.std(), rel=1e-6)
         assert (band["min"], band["max"]) == (v.min(), v.max())
     labels = np.stack([wkb.decode(r[3]).band(0) for r in rows])
-    expect = np.bincount(labels.ravel(), minlength=3)
+    valid = np.stack([wkb.decode(r[2]).valid() for r in rows])
+    expect = np.bincount(labels[valid], minlength=3)  # class frequencies leave NODATA out
     assert stats["class_pixels"] == {str(k): int(n) for k, n in enumerate(expect)}
     assert sum(stats["class_freq"].values()) == pytest.approx(1.0)
     counts = dict(conn.execute("SELECT split, count(*) FROM pggeolearn.chips GROUP BY 1").fetchall())
@@ -338,7 +339,8 @@ def test_show_and_map(conn, small, tmp_path):
     rows = conn.execute('SELECT tile_id, split, orphan, frac_background, frac_strip, frac_square '
                         'FROM pggeolearn."chips_map_small" ORDER BY tile_id').fetchall()
     assert len(rows) == N_TILES and rows[0][2] is True and rows[0][3] is None
-    assert all(abs(r[3] + r[4] + r[5] - 1) < 1e-9 for r in rows if not r[2])
+    assert all(abs(r[3] + r[4] + r[5] - 1) < 1e-9 for r in rows if not r[2] and r[0] != 2)
+    assert rows[2][3] is None  # all NODATA (an empty): no class pixels at all
     assert "QGIS" in view.describe()
     chips.map_view(conn, "small")  # refresh: idempotent
 
