@@ -272,8 +272,8 @@ def _run(dsn, p: Predictor, model_name: str, ds, split: str, n: int, run_id: int
         x = np.stack([b[1] for b in batch])
         y = _call_model(p, x, k)
         pred = y.argmax(axis=1).astype(np.uint8)
-IGNORE = metrics.IGNORE  # truth value of pixels left out of the metrics
-MIOU_RANGES = list(palette.IOU_RANGES)
+        for (tile_id, img, truth, nodata, geom), pr, probs in zip(batch, pred, y, strict=True):
+            t = np.where(wkb.valid_mask(img, nodata), lut[truth], IGNORE)
             tcm = metrics.confusion_matrix(pr, t, k)
             cm += tcm
             iou = metrics.iou_per_class(tcm)
