@@ -37,7 +37,6 @@ _SETUP = """SELECT pg_catalog.set_config('statement_timeout', %(timeout)s, true)
         FROM pg_catalog.pg_proc p, pg_catalog.pg_roles r
         WHERE p.oid = pg_catalog.to_regprocedure('pggeolearn.recipe_rows(text)')
           AND r.rolname = %(role)s)"""
-_SETUP_NO_SCHEMA = """SELECT pg_catalog.set_config('statement_timeout', %(timeout)s, true), NULL, NULL"""
 
 
 def text(user_sql: str, what: str = "SQL") -> str:

@@ -59,8 +59,9 @@ def make_train_dataset(conn: psycopg.Connection, name: str = "rects", *,
     conn.execute(f"INSERT INTO public.img_{name} (rast) SELECT ST_RastFromWKB(b)"
                  " FROM unnest(%s::bytea[]) AS b", [grid])
     conn.execute(f"CREATE TABLE IF NOT EXISTS public.poly_{name} (geom geometry(Polygon, 3857), cls int)")
-    conn.execute(f"INSERT INTO public.poly_{name} VALUES (ST_MakeEnvelope(0, 0, 3, 3, 3857), 1)")
     ids = ids or list(range(1, nclasses + 1))
+    # the recipe's polygon carries a declared class (undeclared ids are refused at create)
+    conn.execute(f"INSERT INTO public.poly_{name} VALUES (ST_MakeEnvelope(0, 0, 3, 3, 3857), %s)", [ids[0]])
     classes = {k: f"class{k}" for k in ids}
     ds = datasets.create(conn, datasets.Recipe(
         name=name, srid=3857, resolution=1.0, tile_px=px, extent=(0, 0, width, height),
