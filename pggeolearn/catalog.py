@@ -156,3 +156,11 @@ chip_scores = Table(  # 0004: evaluate's per-chip scores, for sampling queries (
     Column("scored_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
 )
 Index("chip_scores_model_idx", chip_scores.c.model, chip_scores.c.dataset, chip_scores.c.tile_id)
+
+qgis_projects = Table(  # 0004: QGIS's own project table (Browser > PostgreSQL lists it)
+    "qgis_projects",
+    metadata,
+    Column("name", Text, primary_key=True),
+    Column("metadata", JSONB),
+    Column("content", LargeBinary),
+)

@@ -47,6 +47,9 @@ BEGIN
     RETURN NULL;
 END
 $$;
+-- only roles that may put it on a table (maintainers, via dataset watch) may name it in CREATE
+-- TRIGGER; a trigger fires it whoever edits the table, and no one can call it directly
+REVOKE EXECUTE ON FUNCTION pggeolearn.record_change() FROM PUBLIC;
 COMMENT ON FUNCTION pggeolearn.record_change() IS
   'Trigger function installed by `pggeolearn dataset watch`: appends the footprints of changed rows '
   '(arguments: g:<geometry column> or r:<raster column>) to pggeolearn.changes.';

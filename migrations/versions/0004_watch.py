@@ -1,7 +1,8 @@
 """Living datasets: pggeolearn.watches (which source tables a dataset follows),
 pggeolearn.changes (footprints of rows changed in them, written by triggers), and
 chips.band_stats (per-chip band statistics, so dataset statistics need not re-read images),
-pggeolearn.chip_scores (each chip's loss and IoU per model and run: hard-example mining).
+pggeolearn.chip_scores (each chip's loss and IoU per model and run: hard-example mining), and
+pggeolearn.qgis_projects (QGIS's own project table: one styled project per dataset).
 
 Revision ID: 0004
 Revises: 0003
@@ -61,6 +62,14 @@ def upgrade() -> None:
     )
     op.create_index("chip_scores_model_idx", "chip_scores", ["model", "dataset", "tile_id"],
                     schema=S)
+    # exactly as QgsPostgresUtils::createProjectsTable makes it (sql/qgis_projects_table.sql)
+    op.create_table(
+        "qgis_projects",
+        sa.Column("name", sa.Text, primary_key=True),
+        sa.Column("metadata", sa.dialects.postgresql.JSONB),
+        sa.Column("content", sa.LargeBinary),
+        schema=S,
+    )
     op.add_column("chips", sa.Column("band_stats", sa.dialects.postgresql.ARRAY(sa.Double)),
                   schema=S)
     # chips built before: per band [count, mean, stddev, min, max], NODATA excluded
@@ -74,6 +83,7 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    op.drop_table("qgis_projects", schema=S)
     op.drop_table("chip_scores", schema=S)
     op.drop_column("chips", "band_stats", schema=S)
     op.drop_table("changes", schema=S)

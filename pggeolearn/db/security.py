@@ -124,6 +124,8 @@ def install(conn: psycopg.Connection) -> list[str]:
     if MAINTAINER in have:
         _try(conn, sql.SQL("GRANT EXECUTE ON FUNCTION pggeolearn.chips_map_create(text, text) TO {}").format(
             sql.Identifier(MAINTAINER)), notes, "chips map")
+        _try(conn, sql.SQL("GRANT EXECUTE ON FUNCTION pggeolearn.record_change() TO {}").format(
+            sql.Identifier(MAINTAINER)), notes, "dataset watch")
     # 5. dangerous defaults: large objects work inside READ ONLY transactions
     for fn in _lo_signatures(conn):
         _try(conn, sql.SQL("REVOKE EXECUTE ON FUNCTION {} FROM PUBLIC").format(sql.SQL(fn)), notes,

@@ -298,7 +298,11 @@ def write_project(conn: psycopg.Connection, dataset: str, *, models: list[str] |
         meta = {"last_modified_time": dt.datetime.now(dt.UTC).replace(tzinfo=None).isoformat(),
                 "last_modified_user": conn.info.user}
         with db_errors(f"{schema}.qgis_projects"):
-            conn.execute(sql.SQL(sql_text("qgis_projects_table")).format(table=table))
+            # pggeolearn.qgis_projects comes with the schema (migration 0004); elsewhere it is
+            # created as QGIS creates it, by a role that may create tables there
+            if conn.execute("SELECT to_regclass(%s) IS NULL",
+                            [table.as_string(conn)]).fetchone()[0]:
+                conn.execute(sql.SQL(sql_text("qgis_projects_table")).format(table=table))
             conn.execute(sql.SQL(sql_text("qgis_project_save")).format(table=table),
                          {"name": project.name, "metadata": json.dumps(meta), "content": _qgz(project.name, xml)})
     return project
