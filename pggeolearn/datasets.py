@@ -22,7 +22,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from pggeolearn import errors
+from pggeolearn import crs_hints, errors
 from pggeolearn.db import usersql
 from pggeolearn.db.errors import db_errors, first_line
 from pggeolearn.db.names import split_table
@@ -281,6 +281,13 @@ def _source_srids(conn, kind: str, user_sql: str, expr: str, params: dict) -> li
         raise _recipe_error(exc, f"{kind} SQL fails over the extent") from exc
 
 
+def _no_rows_hint(conn, user_sql: str, params: dict, srid: int, column: str) -> str:
+    """The SRIDs of the tables the query reads next to the grid's, and the fix (crs_hints)."""
+    query = usersql.embed(WHOLE_EXTENT_CTE + "SELECT q0.* FROM tile, LATERAL ({user}) AS q0",
+                          user=user_sql)
+    return crs_hints.no_rows_hint(conn, query, params, srid, column)
+
+
 def _image_bands(conn, user_sql: str, params: dict) -> list[dict[str, Any]]:
     """Pixel type and nodata of each band of the first raster the image SQL returns."""
     query = usersql.embed(WHOLE_EXTENT_CTE + "SELECT (ST_BandMetaData(q.rast, b)).pixeltype,"
@@ -294,8 +301,6 @@ def _image_bands(conn, user_sql: str, params: dict) -> list[dict[str, Any]]:
                                                       ("scale", "float8"), ("srid", "integer")])
     except psycopg.Error as exc:
         raise _recipe_error(exc, "image SQL fails over the extent") from exc
-    if not rows:
-        raise errors.RecipeError("image SQL returns no raster anywhere in the extent (no imagery there?)")
     return [{"pixeltype": p, "nodata": n, "scale": sx, "srid": srid} for p, n, sx, srid in rows]
 
 
@@ -367,6 +372,9 @@ def create(conn: psycopg.Connection, recipe: Recipe, *, overwrite: bool = False,
     _check_columns(image_cols, label_cols)
 
     bands = _image_bands(conn, recipe.image_sql, params)
+    if not bands:
+        raise errors.RecipeError("image SQL returns no raster anywhere in the extent (no imagery there?)"
+                                 + _no_rows_hint(conn, recipe.image_sql, params, recipe.srid, "rast"))
     src_scale = bands[0].pop("scale")
     src_srid = bands[0].pop("srid")
     for b in bands[1:]:
@@ -382,7 +390,8 @@ def create(conn: psycopg.Connection, recipe: Recipe, *, overwrite: bool = False,
         raise errors.RecipeError("image SQL returns no raster anywhere in the extent (no imagery there?)")
     label_srids = _source_srids(conn, "label", recipe.label_sql, "geom", params)
     if not label_srids:
-        raise errors.RecipeError("label SQL returns no geometry anywhere in the extent")
+        raise errors.RecipeError("label SQL returns no geometry anywhere in the extent"
+                                 + _no_rows_hint(conn, recipe.label_sql, params, recipe.srid, "geom"))
     for kind, srids in (("imagery", image_srids), ("label geometries", label_srids)):
         if 0 in srids:
             raise errors.SridMismatch(f"{kind} have SRID 0: set their SRID (ST_SetSRID) first")

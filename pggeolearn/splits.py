@@ -9,7 +9,10 @@ into square **blocks** of ``block_m`` ground metres and whole blocks go to one s
 2. Blocks: tile centres in a ground-metre frame anchored at the extent's upper-left corner
    (CRS units converted with ``pggeolearn.ground_scale`` at the extent centre, so EPSG:3857
    metres become ground metres), cut into ``block_m`` squares. The default block is 120 m or
-   three tiles, whichever is larger (Banepa's 34 m tiles: 120 m blocks; 128 m tiles: 384 m).
+   three tiles, whichever is larger (Banepa's 34 m tiles: 120 m blocks; 128 m tiles: 384 m),
+   shrunk by 1.5x steps (down to two tiles) until every split gets chips and the guard band
+   takes at most ``MAX_GUARD_WASTE`` (20 %) of the usable chips: small areas keep their chips.
+   Whatever the block, a guard band above 20 % is reported with a ``--block-m`` that wastes less.
 3. Order: blocks sorted by ``sha256("<seed>:<row>:<col>")`` -- deterministic on every machine.
    In that order each block goes to the split (with a ratio > 0) whose tile count is furthest
    below its target ``ratio * eligible tiles``.
@@ -52,6 +55,7 @@ MAX_NODATA_FRAC = 0.5
 DEFAULT_BLOCK_M = 120.0
 DEFAULT_RATIOS = (0.7, 0.15, 0.15)
 MAX_ATTEMPTS = 64
+MAX_GUARD_WASTE = 0.2  # the default block shrinks until the guard band takes at most this
 _SHRINK_PY = 1e-7  # relative: Python excludes pairs closer than guard * (1 - 1e-7) ...
 _SHRINK_SQL = 1e-6  # ... SQL counts pairs within guard * (1 - 1e-6): a superset is excluded
 
@@ -209,7 +213,7 @@ class _Planner:
     """Blocks of the eligible tiles and the guard geometry of one grid, reused across seeds."""
 
     def __init__(self, tile_ids: np.ndarray, eligible: np.ndarray, grid: Grid,
-                 params: SplitParams, guard_m: float):
+                 params: SplitParams, guard_m: float, block_m: float | None = None):
         self.grid, self.params = grid, params
         self.rows, self.cols = np.divmod(tile_ids, grid.ncols)
         self.idx = np.flatnonzero(eligible)
@@ -217,7 +221,7 @@ class _Planner:
         sx, sy = grid.scale
         cx = (self.cols[self.idx] * grid.stride + grid.size / 2) / sx
         cy = (self.rows[self.idx] * grid.stride + grid.size / 2) / sy
-        block = params.block_m or grid.default_block_m
+        block = block_m or params.block_m or grid.default_block_m
         brow = np.floor(cy / block).astype(np.int64)
         bcol = np.floor(cx / block).astype(np.int64)
         self.keys, inverse, self.sizes = np.unique(
@@ -337,7 +341,8 @@ def assign_splits(conn: psycopg.Connection, dataset: str, *, block_m: float | No
                   refresh_stats: bool = True) -> SplitReport:
     """Assign every chip of ``dataset`` to train/val/test/excluded (see the module docstring).
 
-    ``block_m`` None means max(120 m, three tiles), ``guard_m`` None one tile. Stores the
+    ``block_m`` None means max(120 m, three tiles), shrunk until the guard band wastes at most
+    20 % of the usable chips (module docstring); ``guard_m`` None one tile. Stores the
     splits and (unless ``refresh_stats`` is false) the recomputed statistics in one
     transaction; the statistics carry the parameters, so the next ``chips build`` splits the
     same way.
@@ -363,28 +368,24 @@ def assign_splits(conn: psycopg.Connection, dataset: str, *, block_m: float | No
             for j, cid in enumerate(class_ids):
                 present[i, j] = cid < len(counts) and (counts[cid] or 0) > 0
 
-    planner = _Planner(tile_ids, eligible, grid, params, guard)
-    max_swaps = min(len(planner.keys), 4 * len(SPLITS) * len(class_ids))
-    best: tuple[int, int, np.ndarray, str, int] | None = None
-    attempts = 0
-    for attempt in range(MAX_ATTEMPTS):
-        attempts = attempt + 1
-        seed_used = str(params.seed) if attempt == 0 else f"{params.seed}:{attempt}"
-        block_split = planner.assign(seed_used)
-        swaps = 0
-        while True:
-            codes = planner.codes(block_split)
-            failures, missing, _ = _check(codes, params, present, class_ids)
-            if failures == 0 or not params.stratify or swaps >= max_swaps:
+    n_usable = max(int(eligible.sum()), 1)
+    tried: list[tuple[float, int, float]] = []  # (block m, failures, guard waste)
+
+    def attempt_with(b: float) -> tuple[tuple[int, int, np.ndarray, str, int], int]:
+        out = _attempts(tile_ids, eligible, grid, params, guard, b, present, class_ids)
+        tried.append((b, out[0][0], float((out[0][2] == _GUARD).sum()) / n_usable))
+        return out
+
+    if params.block_m:
+        best, attempts = attempt_with(block)
+    else:  # the default adapts: the largest block with every split filled and <= 20 % waste
+        for block in _block_candidates(grid):
+            best, attempts = attempt_with(block)
+            if tried[-1][1] == 0 and tried[-1][2] <= MAX_GUARD_WASTE:
                 break
-            if not planner.swap(block_split, codes, present, class_ids, missing):
-                break
-            swaps += 1
-        if best is None or failures < best[0]:
-            best = (failures, attempt, codes, seed_used, swaps)
-        if failures == 0 or not eligible.any():
-            break
-    assert best is not None
+        else:  # none fits: the fewest failures, then the least waste
+            block = min(tried, key=lambda t: (t[1], t[2]))[0]
+            best, attempts = attempt_with(block)
     _, best_attempt, codes, seed_used, swaps = best
     failures, missing, empty = _check(codes, params, present, class_ids)
 
@@ -393,6 +394,19 @@ def assign_splits(conn: psycopg.Connection, dataset: str, *, block_m: float | No
     counts = {name: int((labels == name).sum()) for name in (*SPLITS, EXCLUDED)}
     blocks = _count_blocks(tile_ids, codes, grid, block)
     warnings = []
+    waste = float((codes == _GUARD).sum()) / n_usable
+    if waste > MAX_GUARD_WASTE:  # say what it costs, and which block size would cost less
+        if params.block_m:
+            for b in _block_candidates(grid):
+                attempt_with(b)
+        fits = [t for t in tried if t[1] == 0 and t[2] < waste]
+        hint = ""
+        if fits:
+            b, _, w = max(fits, key=lambda t: t[0])
+            hint = f"; --block-m {b:.0f} would exclude {w:.0%}"
+        warnings.append(f"the guard band excludes {int((codes == _GUARD).sum())} of "
+                        f"{int(eligible.sum())} usable chips ({waste:.0%}) with {block:g} m "
+                        f"blocks{hint}")
     if empty:
         warnings.append(f"split(s) {', '.join(empty)} are empty: too few blocks of {block:g} m "
                         f"({int(eligible.sum())} usable chips); try a smaller --block-m or --guard-m")
@@ -415,6 +429,45 @@ def assign_splits(conn: psycopg.Connection, dataset: str, *, block_m: float | No
 
             chips.refresh_stats(conn, dataset, split_report=report)
     return report
+
+
+def _block_candidates(grid: Grid) -> list[float]:
+    """Block sizes to try, largest first: the default, then / 1.5 each step down to two tiles."""
+    out, b = [], grid.default_block_m
+    while b >= 2 * grid.tile_ground_m - 1e-9 or not out:
+        out.append(b)
+        b /= 1.5
+    return out
+
+
+def _attempts(tile_ids: np.ndarray, eligible: np.ndarray, grid: Grid, params: SplitParams,
+              guard: float, block: float, present: np.ndarray, class_ids: list[int]
+              ) -> tuple[tuple[int, int, np.ndarray, str, int], int]:
+    """((failures, attempt, codes, seed used, swaps) of the best seed, seeds tried) with blocks
+    of ``block`` m: seeds derived until the checks pass (module docstring, step 5)."""
+    planner = _Planner(tile_ids, eligible, grid, params, guard, block)
+    max_swaps = min(len(planner.keys), 4 * len(SPLITS) * len(class_ids))
+    best: tuple[int, int, np.ndarray, str, int] | None = None
+    attempts = 0
+    for attempt in range(MAX_ATTEMPTS):
+        attempts = attempt + 1
+        seed_used = str(params.seed) if attempt == 0 else f"{params.seed}:{attempt}"
+        block_split = planner.assign(seed_used)
+        swaps = 0
+        while True:
+            codes = planner.codes(block_split)
+            failures, missing, _ = _check(codes, params, present, class_ids)
+            if failures == 0 or not params.stratify or swaps >= max_swaps:
+                break
+            if not planner.swap(block_split, codes, present, class_ids, missing):
+                break
+            swaps += 1
+        if best is None or failures < best[0]:
+            best = (failures, attempt, codes, seed_used, swaps)
+        if failures == 0 or not eligible.any():
+            break
+    assert best is not None
+    return best, attempts
 
 
 def _count_blocks(tile_ids: np.ndarray, codes: np.ndarray, grid: Grid,

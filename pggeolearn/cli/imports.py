@@ -78,7 +78,8 @@ def vector(ctx: Context, file: str, table: str, srid: int | None, geom_column: s
     """Load a GeoJSON FeatureCollection (or .geojsonl/.ndjson) into a table.
 
     Properties become typed columns plus a `properties` jsonb column; invalid geometries
-    are made valid; coordinates are EPSG:4326 (RFC 7946) unless --srid transforms them.
+    are made valid. Coordinates are taken as EPSG:4326 (RFC 7946), or the EPSG code an
+    old-style `crs` member names; --srid transforms them to another SRID.
     """
     from pggeolearn.db import connect
     from pggeolearn.importers.vector import import_vector

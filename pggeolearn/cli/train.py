@@ -40,11 +40,12 @@ from pggeolearn.db import connect
 @click.option("--class-weights/--no-class-weights", default=None,
               help="Weigh the loss by inverse train class frequency (clipped) [on].")
 @click.option("--augment/--no-augment", default=None, help="Random flips and 90° rotations [on].")
-@click.option("--patience", type=click.IntRange(0), default=5, show_default=True,
-              help="Stop after this many epochs without a better val mIoU (0: never).")
+@click.option("--patience", type=click.IntRange(0), default=None,
+              help="Stop after this many epochs without a better val mIoU (0: never) "
+                   "[5; with --time-limit: never unless given].")
 @click.option("--time-limit", "time_limit", type=click.FloatRange(min=0, min_open=True), default=None,
-              metavar="MIN", help="Stop after the epoch that passes this many minutes "
-                                  "(the LR schedule anneals by then).")
+              metavar="MIN", help="A budget: the LR schedule anneals by then, and training stops "
+                                  "before an epoch that would not fit (the report says why it stopped).")
 @click.option("--overwrite", is_flag=True, help="Replace a model of the same name.")
 @click.option("--force", is_flag=True,
               help="With --resume: continue on another dataset or a changed recipe.")

@@ -33,6 +33,7 @@ SERVER_SETTINGS = {
     "synchronous_commit": "off",
     "max_connections": "50",
     "log_min_messages": "warning",
+    "postgis.gdal_enabled_drivers": "'GTiff PNG JPEG'",  # ST_AsGDALRaster; out-db stays off
 }
 
 

@@ -62,6 +62,7 @@ FRAMEWORKS = ("mxnet", "torch")
 MAX_WEIGHT_RATIO = 10.0  # the rarest class weighs at most 10x the most common
 MIN_LR_FRACTION = 0.01
 DATA_WAIT_WARN = 0.05  # an epoch that waits longer than this share of its time for chips warns
+DEFAULT_PATIENCE = 5  # epochs without a better val mIoU; not applied under a time limit
 CHECKPOINT_FORMAT = "pggeolearn-checkpoint/1"
 DEFAULTS = {"framework": "mxnet", "width": 16, "depth": 3, "stem_stride": 2, "batch_size": 8,
             "lr": 1e-3, "schedule": "cosine", "seed": 0, "class_weights": True, "augment": True,
@@ -215,7 +216,7 @@ class TrainOptions:
     class_weights: bool | None = None
     augment: bool | None = None
     weight_decay: float | None = None
-    patience: int = 5
+    patience: int | None = None  # None: DEFAULT_PATIENCE, or off when time_limit_min is given
     time_limit_min: float | None = None
     overwrite: bool = False
     resume: bool = False
@@ -239,6 +240,8 @@ class TrainOptions:
                 setattr(out, k, stored[k])
             elif mine is None:
                 setattr(out, k, DEFAULTS[k])
+        if out.patience is None:  # a time limit is a budget: only an explicit patience stops early
+            out.patience = 0 if out.time_limit_min else DEFAULT_PATIENCE
         return out
 
     def validate(self) -> None:
@@ -639,10 +642,16 @@ class _Training:
                 if stopper.should_stop:
                     report.stopped = f"early stopping (val mIoU not better for {stopper.bad} epochs)"
                     break
-                if limit_s and time.perf_counter() - t_start >= limit_s:
-                    if epoch + 1 < o.epochs:
+                if limit_s and epoch + 1 < o.epochs:
+                    spent = time.perf_counter() - t_start
+                    if spent >= limit_s:
                         report.stopped = f"time limit ({o.time_limit_min:g} min) after epoch {epoch + 1}"
-                    break
+                        break
+                    if spent + record["seconds"] > limit_s:  # the next epoch would not fit
+                        report.stopped = (f"time limit ({o.time_limit_min:g} min): after epoch "
+                                          f"{epoch + 1} ({spent:.0f} s spent) another "
+                                          f"{record['seconds']:.0f} s epoch would not fit")
+                        break
         except KeyboardInterrupt:
             done = history[-1]["epoch"] if history else 0
             report.stopped = f"interrupted (Ctrl-C) after epoch {done}"

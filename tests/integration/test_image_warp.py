@@ -126,3 +126,26 @@ def test_unknown_resampling_is_refused(small_scene):
         datasets.Recipe(name="x", srid=3857, resolution=1, image_sql="", label_sql="",
                         classes={1: "a"}, extent=(0, 0, 1, 1), resampling="lanczos").validate()
 
+
+
+def test_cross_crs_recipe_error_lists_srids_and_the_fix(conn, small_scene, tmp_path):
+    path = scene_variant(small_scene, tmp_path / "ll.tif", crs=4326)
+    import_raster(conn, [path], "public.ll", progress=False)
+    with rasterio.open(path) as s:
+        minx, miny, maxx, maxy = transform_bounds(s.crs, CRS.from_epsg(UTM), *s.bounds)
+    recipe = dict(name="x", srid=UTM, resolution=0.5, extent=(minx, miny, maxx, maxy), tile_px=128,
+                  label_sql=LABEL_SQL, classes={1: "thing"})
+    with pytest.raises(errors.RecipeError) as exc:  # the README's filter, on a lon/lat table
+        datasets.create(conn, datasets.Recipe(
+            image_sql="SELECT rast FROM public.ll WHERE ST_Intersects(rast, tile_geom)", **recipe))
+    msg = str(exc.value)
+    assert "public.ll.rast (EPSG:4326)" in msg and f"the grid is EPSG:{UTM}" in msg
+    assert "ST_Transform(tile_geom, 4326)" in msg and "\n" not in msg
+    # the fix it shows works, and so does the helper naming the table
+    for where in ("ST_Intersects(rast, pggeolearn.tile_geom_in(tile_geom, 4326))",
+                  "ST_Intersects(rast, pggeolearn.tile_geom_in(tile_geom, 'public.ll'))"):
+        ds = datasets.create(conn, datasets.Recipe(
+            image_sql=f"SELECT rast FROM public.ll WHERE {where}", **recipe), overwrite=True)
+        t = wkb.decode(bytes(conn.execute("SELECT ST_AsBinary(pggeolearn.image_tile('x', %s))",
+                                          [ds.n_tiles // 2]).fetchone()[0]))
+        assert t.valid().mean() > 0.9

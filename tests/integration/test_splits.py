@@ -209,3 +209,18 @@ def test_plan_is_a_stable_function_of_its_inputs():
                 gx = max(0.0, abs(cols[a] - cols[b]) * 32.0 - 32.0) / 1.13
                 gy = max(0.0, abs(rows[a] - rows[b]) * 32.0 - 32.0) / 1.13
                 assert math.hypot(gx, gy) >= 28.0 * (1 - 1e-6)
+
+
+def test_default_blocks_adapt_to_a_small_area(built):
+    conn = built
+    rep = splits.assign_splits(conn, "grid")  # default block: adapted to the 10 x 8 tiles
+    usable = N_TILES - rep.nodata_excluded
+    assert all(rep.counts[s] > 0 for s in splits.SPLITS)
+    assert rep.guard_excluded <= splits.MAX_GUARD_WASTE * usable
+    assert not any("guard band excludes" in w for w in rep.warnings)
+    # a block too large for the area: the waste is reported, with a block size that wastes less
+    big = splits.assign_splits(conn, "grid", block_m=200)
+    assert big.guard_excluded > splits.MAX_GUARD_WASTE * usable  # 17 of 80 with this seed
+    msg = next(w for w in big.warnings if "guard band excludes" in w)
+    assert f"{big.guard_excluded} of {usable} usable chips" in msg
+    assert f"--block-m {rep.block_m:.0f} would exclude" in msg

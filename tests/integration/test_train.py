@@ -393,3 +393,14 @@ def test_mxnet_data_parallel_over_two_contexts():
     for p in two.net.collect_params().values():
         copies = [d.asnumpy() for d in p.list_data()]
         assert len(copies) == 2 and np.array_equal(copies[0], copies[1]), p.name
+
+
+def test_time_limit_is_a_budget_not_a_patience(db_dsn, rects):
+    # no patience given: under a time limit nothing but the budget (or the epochs) stops a run
+    r = train(db_dsn, "rects", "budget", epochs=3, time_limit_min=30, **(TINY | {"lr": 1e-30}))
+    assert len(r.history) == 3 and r.stopped == "completed"
+    assert registry.get(rects, "budget").hyperparameters["patience"] == 0
+    r = train(db_dsn, "rects", "budget5", epochs=1, **TINY)
+    assert registry.get(rects, "budget5").hyperparameters["patience"] == 5
+    r = train(db_dsn, "rects", "budget1", epochs=1, time_limit_min=30, patience=1, **TINY)
+    assert registry.get(rects, "budget1").hyperparameters["patience"] == 1
