@@ -57,11 +57,14 @@ from pggeolearn.db import connect
 @click.option("--read-dsn", "read_dsns", multiple=True, metavar="DSN",
               help="Stream chips from this server (repeat: a primary and its read replicas; "
                    "checkpoints and the model still go to --dsn).")
+@click.option("--score-chips", is_flag=True,
+              help="After training, store every train chip's loss and IoU in "
+                   "pggeolearn.chip_scores (for hard-example --sampling next time).")
 @click.option("--progress/--no-progress", default=True, help="Show progress bars.")
 @pass_ctx
 def train(ctx: Context, dataset: str, model_name: str, framework, epochs, batch_size, lr, schedule,
           device, seed, resume, width, depth, stem_stride, class_weights, augment, patience,
-          time_limit, overwrite, force, plot, sampling, read_dsns, progress) -> None:
+          time_limit, overwrite, force, plot, sampling, read_dsns, score_chips, progress) -> None:
     """Train a U-Net on DATASET's train split straight from the database, validate it on the
     spatially held-out val split every epoch, and store the best epoch as model NAME.
 
@@ -74,7 +77,7 @@ def train(ctx: Context, dataset: str, model_name: str, framework, epochs, batch_
         depth=depth, stem_stride=int(stem_stride) if stem_stride else None,
         class_weights=class_weights, augment=augment, patience=patience,
         time_limit_min=time_limit, overwrite=overwrite, force=force, plot=plot, progress=progress,
-        sampling=sampling, read_dsns=tuple(read_dsns))
+        sampling=sampling, read_dsns=tuple(read_dsns), score_chips=score_chips)
     click.echo(str(report))
     if report.interrupted:
         sys.exit(130)

@@ -226,6 +226,7 @@ class TrainOptions:
     on_epoch: Callable[[dict[str, Any]], None] | None = None  # called after every epoch
     sampling: str | None = None  # SQL (tile_id, weight) over the chip store: weighted train epochs
     read_dsns: tuple[str, ...] = ()  # stream chips from these servers (primary + replicas)
+    score_chips: bool = False  # after training: each train chip's loss and IoU -> chip_scores
 
     def resolved(self, stored: dict[str, Any] | None = None) -> TrainOptions:
         """A copy with every None filled from ``stored`` (a checkpoint's) or the defaults."""
@@ -684,7 +685,19 @@ class _Training:
             report.plot = plot_history(history, o.plot, classes=self.classes, baselines=self.baselines,
                                        title=f"{self.name} on {self.ds.name} ({o.framework})",
                                        best_epoch=best_epoch)
+        if o.score_chips and report.saved:
+            report.notes.append(self._score_chips())
         return report
+
+    def _score_chips(self) -> str:
+        """Every train chip's loss and IoU under the saved model, into pggeolearn.chip_scores
+        (an evaluate run): what the next run's ``--sampling`` query weighs hard examples by."""
+        from pggeolearn.evaluate import evaluate  # predict's machinery: only when asked
+
+        rep = evaluate(self.dsn, self.name, dataset=self.ds.name, split="train",
+                       progress=self.opts.progress)
+        return (f"scored {rep.tiles} train chips into pggeolearn.chip_scores (run {rep.run_id}): "
+                f"weigh them with --sampling")
 
     @property
     def _read_dsn(self) -> str | Sequence[str] | None:

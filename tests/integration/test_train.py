@@ -166,6 +166,21 @@ def test_sampling_query_decides_what_training_sees(db_dsn, rects):
     assert not registry.exists(conn, "bad")
 
 
+def test_score_chips_feeds_the_next_sampling_query(db_dsn, rects):
+    conn = rects
+    report = train(db_dsn, "rects", "scored", epochs=1, seed=3, score_chips=True, **TINY)
+    assert any("chip_scores" in n for n in report.notes), report.notes
+    train_ids = {r[0] for r in conn.execute(
+        "SELECT tile_id FROM pggeolearn.chips WHERE dataset = 'rects' AND split = 'train'")}
+    scored = dict(conn.execute("SELECT tile_id, loss FROM pggeolearn.chip_scores "
+                               "WHERE model = 'scored' AND split = 'train'").fetchall())
+    assert set(scored) == train_ids and all(v is not None and v >= 0 for v in scored.values())
+    hard = ("SELECT tile_id, loss AS weight FROM pggeolearn.chip_scores WHERE model = 'scored' "
+            "AND split = 'train'")
+    again = train(db_dsn, "rects", "hard", epochs=1, seed=3, sampling=hard, **TINY)
+    assert again.saved
+
+
 def test_same_seed_same_metrics_mxnet(db_dsn, rects):
     a = train(db_dsn, "rects", "a", epochs=2, seed=3, **TINY)
     b = train(db_dsn, "rects", "b", epochs=2, seed=3, **TINY)
