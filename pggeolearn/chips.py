@@ -87,9 +87,9 @@ from psycopg import sql
 from psycopg.types.json import Jsonb
 from tqdm import tqdm
 
-from pggeolearn import datasets, errors, palette
+from pggeolearn import datasets, errors, palette, splits
 from pggeolearn.db import usersql
-from pggeolearn.db.connect import connect
+from pggeolearn.db.connect import connect, dsn_of
 from pggeolearn.db.errors import db_errors, first_line, translate
 from pggeolearn.resources import sql_text
 from pggeolearn.splits import (
@@ -98,7 +98,6 @@ from pggeolearn.splits import (
     SPLITS,
     SplitParams,
     SplitReport,
-    assign_splits,
     leakage,
 )
 
@@ -162,13 +161,6 @@ class BuildReport:
 
 # ------------------------------------------------------------------------------------------
 # build
-
-
-def _dsn_of(conn: psycopg.Connection) -> str:
-    """A DSN that reaches the same database as ``conn`` (password included)."""
-    password = conn.info.password
-    dsn = conn.info.dsn
-    return psycopg.conninfo.make_conninfo(dsn, password=password) if password else dsn
 
 
 def _stage_failure(exc: psycopg.Error) -> bool:
@@ -313,7 +305,7 @@ def build(conn_or_dsn: psycopg.Connection | str | None, dataset: str, *, jobs: i
         raise errors.ConfigError("statement timeout must be > 0 seconds")
     if batch_size is not None and not 1 <= batch_size <= 1024:
         raise errors.ConfigError(f"batch size must be 1..1024, not {batch_size}")
-    dsn = _dsn_of(conn_or_dsn) if isinstance(conn_or_dsn, psycopg.Connection) else conn_or_dsn
+    dsn = dsn_of(conn_or_dsn) if isinstance(conn_or_dsn, psycopg.Connection) else conn_or_dsn
     started = time.perf_counter()
     with connect(dsn, autocommit=True, application_name="pggeolearn chips build") as control:
         ds = datasets.get(control, dataset)
@@ -463,6 +455,15 @@ def _drain(w: _Worker, batches: queue.SimpleQueue, stop: threading.Event, advanc
 
 def _finite(v: Any) -> float | None:
     return None if v is None or not math.isfinite(float(v)) else float(v)
+
+
+def assign_splits(conn: psycopg.Connection, dataset: str, **params: Any) -> SplitReport:
+    """Spatial splits (:func:`pggeolearn.splits.assign_splits`, same parameters) and the
+    statistics they decide, stored in one transaction."""
+    with conn.transaction():
+        report = splits.assign_splits(conn, dataset, **params)
+        refresh_stats(conn, dataset, split_report=report)
+    return report
 
 
 def combine_band_stats(rows: list[list[list[float | None]]], nbands: int) -> list[dict[str, Any]]:

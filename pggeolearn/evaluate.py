@@ -34,18 +34,17 @@ from psycopg import sql
 from tqdm import tqdm
 
 from pggeolearn import errors, outputs, palette, runs, wkb
-from pggeolearn.db.connect import connect
+from pggeolearn.db.connect import connect, dsn_of
 from pggeolearn.db.errors import db_errors, translate
 from pggeolearn.db.schema import require_schema
 from pggeolearn.predict import (
     Predictor,
-    _call_model,
-    _class_ids,
-    _dsn_of,
-    _relkind,
+    call_model,
     check_pixel_types,
     input_pixel_types,
     load_model,
+    model_class_ids,
+    relkind,
 )
 from pggeolearn.resources import sql_text
 from pggeolearn.training import metrics
@@ -207,7 +206,7 @@ def evaluate(dsn_or_conn: psycopg.Connection | str | None, model: str | Predicto
     if not 0 <= n_worst <= 256:
         raise errors.ConfigError(f"worst tiles must be 0..256, not {n_worst}")
     layer = outputs.Output.parse(out_layer, what="--out-layer") if out_layer else None
-    dsn = _dsn_of(dsn_or_conn)
+    dsn = dsn_of(dsn_or_conn)
     with connect(dsn, autocommit=True, application_name="pggeolearn evaluate") as control:
         require_schema(control)
         outputs.check(control, [layer] if layer else [], overwrite=overwrite, force=force,
@@ -257,7 +256,7 @@ def evaluate(dsn_or_conn: psycopg.Connection | str | None, model: str | Predicto
 def _run(dsn, p: Predictor, model_name: str, ds, split: str, n: int, run_id: int, *, layer, png,
          n_worst: int, batch_size: int, progress: bool, notes: list[str], publish, started: float
          ) -> EvalReport:
-    class_ids = _class_ids(p)
+    class_ids = model_class_ids(p)
     k = len(class_ids)
     lut = np.full(256, IGNORE, np.uint8)  # label class id -> model channel
     lut[class_ids] = np.arange(k, dtype=np.uint8)
@@ -270,7 +269,7 @@ def _run(dsn, p: Predictor, model_name: str, ds, split: str, n: int, run_id: int
     def flush(batch: list) -> None:
         nonlocal cm
         x = np.stack([b[1] for b in batch])
-        y = _call_model(p, x, k)
+        y = call_model(p, x, k)
         pred = y.argmax(axis=1).astype(np.uint8)
         for (tile_id, img, truth, nodata, geom), pr, probs in zip(batch, pred, y, strict=True):
             t = np.where(wkb.valid_mask(img, nodata), lut[truth], IGNORE)
@@ -362,8 +361,8 @@ def _write_layer(w: psycopg.Connection, layer: tuple[str, str], per_tile, p: Pre
     schema, name = layer
     ident = sql.Identifier(schema, name)
     w.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema)))
-    cols = _column_names({int(c): n for c, n in zip(_class_ids(p), names, strict=True)})
-    if _relkind(w, schema, name) is not None:
+    cols = _column_names({int(c): n for c, n in zip(model_class_ids(p), names, strict=True)})
+    if relkind(w, schema, name) is not None:
         w.execute(sql.SQL("DROP TABLE {}").format(ident))
     w.execute(sql.SQL(sql_text("predict_eval_layer")).format(
         table=ident, srid=sql.Literal(int(srid)),

@@ -83,7 +83,7 @@ from tqdm import tqdm
 
 from pggeolearn import errors, outputs, runs, wkb
 from pggeolearn.db import usersql
-from pggeolearn.db.connect import connect
+from pggeolearn.db.connect import connect, dsn_of
 from pggeolearn.db.errors import db_errors, first_line, translate
 from pggeolearn.db.schema import require_schema
 from pggeolearn.db.tables import TableName, overview_prefix
@@ -216,7 +216,7 @@ def _unknown_model(conn: psycopg.Connection, name: str) -> str:
     return f"unknown model {name!r}{hint}"
 
 
-def _class_ids(p: Predictor) -> np.ndarray:
+def model_class_ids(p: Predictor) -> np.ndarray:
     return np.array(sorted(int(k) for k in p.classes), dtype=np.uint8)
 
 
@@ -723,7 +723,7 @@ def _existing_grid(conn: psycopg.Connection, schema: str, name: str) -> tuple | 
                 " FROM {} LIMIT 1").format(sql.Identifier(schema, name))).fetchone()
 
 
-def _relkind(conn: psycopg.Connection, schema: str, name: str) -> str | None:
+def relkind(conn: psycopg.Connection, schema: str, name: str) -> str | None:
     row = conn.execute("SELECT c.relkind FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
                        " WHERE n.nspname = %s AND c.relname = %s", [schema, name]).fetchone()
     return row[0] if row else None
@@ -799,7 +799,7 @@ def _plan(conn: psycopg.Connection, p: Predictor, model_name: str, *, extent, ex
 
     if append:
         schema, name = names.out
-        if _relkind(conn, schema, name) is not None:
+        if relkind(conn, schema, name) is not None:
             got = _existing_grid(conn, schema, name)
             if got is not None:
                 if got[0] != srid or abs(abs(got[1]) - res) > 1e-6 * res:
@@ -994,7 +994,7 @@ class _Writer:
         self.w, self.plan, self.run_id = w, plan, run_id
         self.schema = None
         self.probabilities, self.vectorize = probabilities, vectorize
-        self.class_ids = _class_ids(plan.predictor)
+        self.class_ids = model_class_ids(plan.predictor)
         self.identity_classes = np.array_equal(self.class_ids, np.arange(len(self.class_ids)))
         self.pieces = _Pieces(plan.grid, plan.tile_px, min_pixels) if vectorize else None
         self.tiles = self.empty = 0
@@ -1083,7 +1083,7 @@ def _finish_raster(w: psycopg.Connection, tmp: sql.Identifier, target: tuple[str
 
     schema, name = target
     ident = sql.Identifier(schema, name)
-    exists = _relkind(w, schema, name) is not None
+    exists = relkind(w, schema, name) is not None
     if append and exists:
         off = w.execute(sql.SQL("SELECT coalesce(max(rid) + 1, 0) FROM {}").format(ident)).fetchone()[0]
         w.execute("SELECT DropRasterConstraints(%s::name, %s::name, 'rast'::name)", [schema, name])
@@ -1107,7 +1107,7 @@ def _finish_polygons(w: psycopg.Connection, writer: _Writer, target: tuple[str, 
     schema, name = target
     ident = sql.Identifier(schema, name)
     g = writer.plan.grid
-    exists = _relkind(w, schema, name) is not None
+    exists = relkind(w, schema, name) is not None
     if exists and not append:
         _drop_output(w, schema, name, raster=False)
     if not exists or not append:
@@ -1222,7 +1222,7 @@ def predict(dsn_or_conn: psycopg.Connection | str | None, model: str | Predictor
     if extent is not None and len(extent) != 4:
         raise errors.ConfigError(f"extent needs 4 numbers (MINX MINY MAXX MAXY), got {len(extent)}")
     names = _names(out, polygons, probabilities, vectorize, overviews)
-    dsn = _dsn_of(dsn_or_conn)
+    dsn = dsn_of(dsn_or_conn)
     with connect(dsn, autocommit=True, application_name="pggeolearn predict") as control:
         require_schema(control)
         reads = [] if imagery is None or _looks_like_sql(imagery) else [TableName.parse(imagery)]
@@ -1272,14 +1272,6 @@ def predict(dsn_or_conn: psycopg.Connection | str | None, model: str | Predictor
     return report
 
 
-def _dsn_of(dsn_or_conn: psycopg.Connection | str | None) -> str | None:
-    if isinstance(dsn_or_conn, psycopg.Connection):
-        password = dsn_or_conn.info.password
-        dsn = dsn_or_conn.info.dsn
-        return psycopg.conninfo.make_conninfo(dsn, password=password) if password else dsn
-    return dsn_or_conn
-
-
 def _execute(dsn: str | None, plan: _Plan, names: _Names, report: PredictReport, *, overlap: int,
              stitch: str, batch_size: int, probabilities: bool, vectorize: bool, min_pixels: int,
              append: bool,
@@ -1318,7 +1310,7 @@ def _execute(dsn: str | None, plan: _Plan, names: _Names, report: PredictReport,
                             chunk = live[k:k + batch_size]
                             x = np.ascontiguousarray(np.stack([img[:, :, c * S:c * S + P] for c in chunk]))
                             t1 = time.perf_counter()
-                            y = _call_model(p, x, n_classes)
+                            y = call_model(p, x, n_classes)
                             predict_s += time.perf_counter() - t1
                             for c, probs in zip(chunk, y, strict=True):
                                 st.add(r, c, probs, valid[:, c * S:c * S + P])
@@ -1361,7 +1353,7 @@ def _execute(dsn: str | None, plan: _Plan, names: _Names, report: PredictReport,
             runs.finish(w, report.run_id, report.outputs())
 
 
-def _call_model(p: Predictor, x: np.ndarray, n_classes: int) -> np.ndarray:
+def call_model(p: Predictor, x: np.ndarray, n_classes: int) -> np.ndarray:
     y = np.asarray(p.predict_proba(x))
     want = (x.shape[0], n_classes, x.shape[2], x.shape[3])
     if y.shape != want:

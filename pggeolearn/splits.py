@@ -337,15 +337,13 @@ def grid_of(conn: psycopg.Connection, ds: datasets.Dataset) -> Grid:
 
 def assign_splits(conn: psycopg.Connection, dataset: str, *, block_m: float | None = None,
                   ratios: tuple[float, float, float] = DEFAULT_RATIOS, seed: int = 0,
-                  guard_m: float | None = None, stratify: bool = False,
-                  refresh_stats: bool = True) -> SplitReport:
+                  guard_m: float | None = None, stratify: bool = False) -> SplitReport:
     """Assign every chip of ``dataset`` to train/val/test/excluded (see the module docstring).
 
     ``block_m`` None means max(120 m, three tiles), shrunk until the guard band wastes at most
     20 % of the usable chips (module docstring); ``guard_m`` None one tile. Stores the
-    splits and (unless ``refresh_stats`` is false) the recomputed statistics in one
-    transaction; the statistics carry the parameters, so the next ``chips build`` splits the
-    same way.
+    splits; :func:`pggeolearn.chips.assign_splits` also recomputes the statistics in the same
+    transaction (they carry the parameters, so the next ``chips build`` splits the same way).
     """
     params = SplitParams(block_m=block_m, ratios=tuple(ratios), seed=int(seed), guard_m=guard_m,
                          stratify=bool(stratify))
@@ -420,14 +418,10 @@ def assign_splits(conn: psycopg.Connection, dataset: str, *, block_m: float | No
         nodata_excluded=int((codes == _NODATA).sum()), guard_excluded=int((codes == _GUARD).sum()),
         blocks=blocks, seed_used=seed_used, attempts=best_attempt + 1, swaps=swaps,
         missing=missing, warnings=warnings)
-    with db_errors(f"splits of {dataset}"), conn.transaction():  # splits and stats together
+    with db_errors(f"splits of {dataset}"), conn.transaction():
         conn.execute(sql_text("chips_set_splits"),
                      {"dataset": dataset, "tile_ids": tile_ids.tolist(), "splits": labels.tolist()})
         report.leakage = leakage(conn, dataset, guard)
-        if refresh_stats:
-            from pggeolearn import chips
-
-            chips.refresh_stats(conn, dataset, split_report=report)
     return report
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from pggeolearn.cli.main import Context, pass_ctx
+from pggeolearn.cli.context import Context, pass_ctx
 
 table_option = click.option(
     "--table", required=True, metavar="SCHEMA.NAME",

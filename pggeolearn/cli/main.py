@@ -7,18 +7,8 @@ import sys
 import click
 
 from pggeolearn import __version__
+from pggeolearn.cli.context import Context
 from pggeolearn.errors import PggeolearnError
-
-
-class Context:
-    """What every command gets: the DSN (None = resolve later) and verbosity."""
-
-    def __init__(self, dsn: str | None, verbose: bool):
-        self.dsn = dsn
-        self.verbose = verbose
-
-
-pass_ctx = click.make_pass_decorator(Context)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from pggeolearn.cli.main import Context, pass_ctx
+from pggeolearn.cli.context import Context, pass_ctx
 
 
 @click.command("predict")

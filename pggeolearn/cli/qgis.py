@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from pggeolearn.cli.main import Context, pass_ctx
+from pggeolearn.cli.context import Context, pass_ctx
 from pggeolearn.db import connect
 
 

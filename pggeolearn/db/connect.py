@@ -67,3 +67,13 @@ PIN_SEARCH_PATH = """SELECT pg_catalog.set_config('search_path', pg_catalog.conc
      FROM pg_catalog.pg_extension e JOIN pg_catalog.pg_namespace n ON n.oid = e.extnamespace
      WHERE e.extname IN ('postgis', 'postgis_raster') AND n.nspname <> 'public'),
     'public'), false)"""
+
+
+def dsn_of(dsn_or_conn: psycopg.Connection | str | None) -> str | None:
+    """A DSN that reaches the same database as a connection (password included), or the DSN
+    given: for work that opens connections of its own (workers, readers, writers)."""
+    if isinstance(dsn_or_conn, psycopg.Connection):
+        password = dsn_or_conn.info.password
+        dsn = dsn_or_conn.info.dsn
+        return psycopg.conninfo.make_conninfo(dsn, password=password) if password else dsn
+    return dsn_or_conn

@@ -32,7 +32,6 @@ import itertools
 import json
 import logging
 import math
-import re
 import time
 import zipfile
 from collections.abc import Callable, Sequence
@@ -49,13 +48,18 @@ from pggeolearn.db.connect import connect
 from pggeolearn.db.errors import db_errors
 from pggeolearn.db.schema import require_schema
 from pggeolearn.training import metrics as M
-from pggeolearn.training.registry import Architecture, ModelRecord
+from pggeolearn.training.common import (
+    Architecture,
+    json_safe,
+    map_error,
+    parse_device,
+)
+from pggeolearn.training.registry import ModelRecord
 
 __all__ = ["EarlyStopping", "TrainOptions", "TrainReport", "class_weights", "label_lut", "lr_at",
            "parse_device", "train"]
 
 log = logging.getLogger(__name__)
-DEVICE_RE = re.compile(r"^(auto|cpu|gpu)(?::(\d+(?:,\d+)*))?$")
 NAME_RE = datasets.NAME_RE
 SCHEDULES = ("cosine", "step", "constant")
 FRAMEWORKS = ("mxnet", "torch")
@@ -74,43 +78,6 @@ FIXED_ON_RESUME = ("framework", "width", "depth", "stem_stride", "batch_size", "
 
 # ----------------------------------------------------------------------------------------------
 # small pure helpers (also used by the framework modules)
-
-
-def parse_device(device: str | None) -> tuple[str, list[int] | None]:
-    """``auto``, ``cpu``, ``gpu`` (all GPUs) or ``gpu:N[,M...]`` -> ``(kind, ids)``."""
-    m = DEVICE_RE.match((device or "auto").strip().lower())
-    if not m or (m.group(1) != "gpu" and m.group(2)):
-        raise errors.ConfigError(f"bad device {device!r}: use auto, cpu, gpu or gpu:N[,M...]")
-    ids = [int(i) for i in m.group(2).split(",")] if m.group(2) else None
-    return m.group(1), ids
-
-
-def is_oom(exc: BaseException) -> bool:
-    """True for an out-of-memory error of either framework (matched on its message)."""
-    return isinstance(exc, MemoryError) or "out of memory" in str(exc).lower()
-
-
-def oom_error(batch_size: int) -> errors.ConfigError:
-    return errors.ConfigError(
-        f"out of memory with --batch-size {batch_size}: try a smaller --batch-size "
-        "(or a smaller --width/--depth)")
-
-
-def map_error(exc: BaseException, batch_size: int) -> errors.PggeolearnError | None:
-    """The one-line error for a framework failure we can explain (out of memory), else None."""
-    if isinstance(exc, errors.PggeolearnError):
-        return None
-    return oom_error(batch_size) if is_oom(exc) else None
-
-
-def pad_to(images: np.ndarray, multiple: int) -> np.ndarray:
-    """Pad ``(N, C, H, W)`` at the bottom/right (reflect) to multiples of ``multiple``."""
-    h, w = images.shape[-2:]
-    ph, pw = (-h) % multiple, (-w) % multiple
-    if not ph and not pw:
-        return images
-    mode = "reflect" if ph < h and pw < w else "edge"
-    return np.pad(images, ((0, 0), (0, 0), (0, ph), (0, pw)), mode=mode)
 
 
 def label_lut(class_ids: Sequence[int]) -> np.ndarray | None:
@@ -786,13 +753,13 @@ class _Training:
 
     def _checkpoint(self, run_id: int, state: dict[str, Any], best: bytes | None) -> None:
         model = self.model
-        blob = pack_checkpoint(_json_ready(self._meta(state)), model.get_weights(),
+        blob = pack_checkpoint(json_safe(self._meta(state)), model.get_weights(),
                                model.get_optimizer_state(), best)
         self.run.heartbeat(self._outputs(state["history"], state["best_epoch"]), blob)
 
     def _outputs(self, history: list[dict[str, Any]], best_epoch: int | None,
                  stopped: str | None = None) -> dict[str, Any]:
-        return _json_ready({"epochs": history, "best_epoch": best_epoch,
+        return json_safe({"epochs": history, "best_epoch": best_epoch,
                             "best": history[best_epoch - 1]["val"] if best_epoch else None,
                             "baselines": {k: v.to_json() for k, v in self.baselines.items()},
                             "stopped": stopped})
@@ -834,8 +801,4 @@ def _classes_str(classes: dict[str, str]) -> str:
     return "{" + ", ".join(f"{k}={v}" for k, v in sorted(classes.items(), key=lambda kv: int(kv[0]))) + "}"
 
 
-def _json_ready(v: Any) -> Any:
-    from pggeolearn.training.registry import _json_safe
-
-    return _json_safe(v)
 

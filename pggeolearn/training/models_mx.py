@@ -25,9 +25,9 @@ import numpy as np
 
 from pggeolearn import errors
 from pggeolearn.mxnet import GeoIter, mx
-from pggeolearn.training import loop as L
+from pggeolearn.training import common as C
 from pggeolearn.training import metrics as M
-from pggeolearn.training.registry import Architecture
+from pggeolearn.training.common import Architecture
 
 gluon = mx.gluon
 nn = mx.gluon.nn
@@ -157,8 +157,8 @@ def num_gpus() -> int:
 
 
 def contexts(device: str) -> list[Any]:
-    """MXNet contexts for a device string (see :func:`pggeolearn.training.loop.parse_device`)."""
-    kind, ids = L.parse_device(device)
+    """MXNet contexts for a device string (see :func:`pggeolearn.training.common.parse_device`)."""
+    kind, ids = C.parse_device(device)
     n = num_gpus()
     if kind == "cpu" or (kind == "auto" and n == 0):
         return [mx.cpu()]
@@ -176,8 +176,8 @@ def contexts(device: str) -> list[Any]:
 
 def map_error(exc: BaseException, batch_size: int) -> errors.PggeolearnError | None:
     """An MXNet out-of-memory error -> one clear line; anything else -> None."""
-    if isinstance(exc, mx.base.MXNetError | MemoryError) and L.is_oom(exc):
-        return L.oom_error(batch_size)
+    if isinstance(exc, mx.base.MXNetError | MemoryError) and C.is_oom(exc):
+        return C.oom_error(batch_size)
     return None
 
 
@@ -330,7 +330,7 @@ class MxModel:
         ctx = self.ctx[0]
         mean, inv = self._norm_on(ctx)
         for s in range(0, n, batch_size):
-            chunk = L.pad_to(images[s:s + batch_size], self.cfg.multiple)
+            chunk = C.pad_to(images[s:s + batch_size], self.cfg.multiple)
             if chunk.dtype != np.uint8:  # MXNet has no uint16/int16 arrays
                 chunk = chunk.astype(np.float32)
             x = mx.nd.array(chunk, ctx=ctx, dtype=chunk.dtype).astype("float32")

@@ -14,9 +14,9 @@ from torch import nn
 
 from pggeolearn import errors
 from pggeolearn.torch import make_loader
-from pggeolearn.training import loop as L
+from pggeolearn.training import common as C
 from pggeolearn.training import metrics as M
-from pggeolearn.training.registry import Architecture
+from pggeolearn.training.common import Architecture
 
 FRAMEWORK = "torch"
 
@@ -107,7 +107,7 @@ def weights_from_bytes(net: nn.Module, blob: bytes) -> None:
 
 def device_of(device: str) -> torch.device:
     """The torch device for a device string (one GPU: the first one named, or cuda:0)."""
-    kind, ids = L.parse_device(device)
+    kind, ids = C.parse_device(device)
     n = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if kind == "cpu" or (kind == "auto" and n == 0):
         return torch.device("cpu")
@@ -123,8 +123,8 @@ def device_of(device: str) -> torch.device:
 def map_error(exc: BaseException, batch_size: int) -> errors.PggeolearnError | None:
     """A torch out-of-memory error -> one clear line; anything else -> None."""
     oom = getattr(torch, "OutOfMemoryError", ())
-    if (oom and isinstance(exc, oom)) or (isinstance(exc, RuntimeError | MemoryError) and L.is_oom(exc)):
-        return L.oom_error(batch_size)
+    if (oom and isinstance(exc, oom)) or (isinstance(exc, RuntimeError | MemoryError) and C.is_oom(exc)):
+        return C.oom_error(batch_size)
     return None
 
 
@@ -265,7 +265,7 @@ class TorchModel:
         n, _, h, w = images.shape
         out = np.empty((n, self.cfg.num_classes, h, w), np.float32)
         for s in range(0, n, batch_size):
-            chunk = np.ascontiguousarray(L.pad_to(images[s:s + batch_size], self.cfg.multiple))
+            chunk = np.ascontiguousarray(C.pad_to(images[s:s + batch_size], self.cfg.multiple))
             x = self._normalize(torch.from_numpy(chunk))
             probs = torch.softmax(self.net(x), dim=1)
             out[s:s + batch_size] = probs[:, :, :h, :w].cpu().numpy()

@@ -18,9 +18,8 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import math
 import zipfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +31,7 @@ from psycopg.types.json import Jsonb
 from pggeolearn import __version__, errors, runs
 from pggeolearn.db.errors import db_errors
 from pggeolearn.db.schema import require_schema
+from pggeolearn.training.common import Architecture, json_safe
 
 __all__ = [
     "Architecture", "LoadedModel", "ModelRecord", "drop", "exists", "export", "get",
@@ -45,48 +45,6 @@ COLUMNS = ("name", "dataset", "recipe_hash", "framework", "architecture", "hyper
            "classes", "normalization", "tile_px", "resolution", "srid", "bands", "weights",
            "metrics", "best_epoch", "package_version")
 JSON_COLUMNS = {"architecture", "hyperparameters", "classes", "normalization", "metrics"}
-
-
-@dataclass(frozen=True)
-class Architecture:
-    """What the U-Net is: ``depth`` poolings, ``width`` channels at the first level (doubling
-    at each level), an optional stride-2 stem (the encoder at half resolution)."""
-
-    in_channels: int
-    num_classes: int
-    width: int = 16
-    depth: int = 3
-    stem_stride: int = 2
-    name: str = "unet"
-
-    @property
-    def channels(self) -> list[int]:
-        """Channels of each encoder level (``depth + 1`` levels)."""
-        return [self.width * 2 ** i for i in range(self.depth + 1)]
-
-    @property
-    def multiple(self) -> int:
-        """Image height and width must be multiples of this (other sizes are padded)."""
-        return 2 ** self.depth * self.stem_stride
-
-    def validate(self) -> None:
-        if self.name != "unet":
-            raise errors.ConfigError(f"unknown architecture {self.name!r} (known: unet)")
-        if not 1 <= self.depth <= 6:
-            raise errors.ConfigError(f"depth must be 1..6, not {self.depth}")
-        if not 2 <= self.width <= 512:
-            raise errors.ConfigError(f"width must be 2..512, not {self.width}")
-        if self.stem_stride not in (1, 2):
-            raise errors.ConfigError(f"stem stride must be 1 or 2, not {self.stem_stride}")
-        if self.in_channels < 1 or self.num_classes < 2:
-            raise errors.ConfigError("a model needs at least 1 input band and 2 classes")
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_json(cls, d: dict[str, Any]) -> Architecture:
-        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
 
 
 @dataclass
@@ -120,7 +78,7 @@ class ModelRecord:
                 v = {str(k): n for k, n in sorted(v.items())}
             if c == "normalization":
                 v = v or {}
-            out[c] = Jsonb(_json_safe(v)) if c in JSON_COLUMNS else v
+            out[c] = Jsonb(json_safe(v)) if c in JSON_COLUMNS else v
         return out
 
     def meta(self) -> dict[str, Any]:
@@ -128,7 +86,7 @@ class ModelRecord:
         out = {c: getattr(self, c) for c in COLUMNS if c != "weights"}
         out["classes"] = {str(k): v for k, v in sorted(self.classes.items())}
         out["created_at"] = self.created_at.isoformat() if self.created_at else None
-        return _json_safe(out)
+        return json_safe(out)
 
     @classmethod
     def from_meta(cls, meta: dict[str, Any], weights: bytes) -> ModelRecord:
@@ -184,19 +142,6 @@ def _f(v: Any) -> str:
 
 def _size(n: int) -> str:
     return f"{n / 1e6:.1f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
-
-
-def _json_safe(v: Any) -> Any:
-    """NaN/inf -> None, numpy scalars -> Python, recursively (jsonb has no NaN)."""
-    if isinstance(v, dict):
-        return {str(k): _json_safe(x) for k, x in v.items()}
-    if isinstance(v, list | tuple):
-        return [_json_safe(x) for x in v]
-    if isinstance(v, np.generic):
-        v = v.item()
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    return v
 
 
 # ----------------------------------------------------------------------------------------------

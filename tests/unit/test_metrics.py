@@ -9,16 +9,8 @@ import pytest
 
 from pggeolearn import errors
 from pggeolearn.training import metrics as M
-from pggeolearn.training.loop import (
-    EarlyStopping,
-    TrainOptions,
-    class_weights,
-    label_lut,
-    lr_at,
-    map_error,
-    pad_to,
-    parse_device,
-)
+from pggeolearn.training.common import map_error, pad_to, parse_device
+from pggeolearn.training.loop import EarlyStopping, TrainOptions, class_weights, label_lut, lr_at
 
 
 def brute_cm(pred, true, k):
