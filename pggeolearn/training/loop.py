@@ -686,6 +686,7 @@ class _Training:
         try:
             it = iter(bar)
             for step in itertools.count():
+                model.sync()  # the previous step's compute is compute, not waiting for data
                 t = time.perf_counter()
                 item = next(it, None)
                 waited += time.perf_counter() - t

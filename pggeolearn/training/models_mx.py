@@ -262,6 +262,11 @@ class MxModel:
             w = nd.broadcast_mul(w, nd.array(keep, ctx=label.context))
         return w
 
+    def sync(self) -> None:
+        """Wait for the engine: backward and the optimizer step run asynchronously after
+        train_step returns, and would otherwise be counted as waiting for the next batch."""
+        mx.nd.waitall()
+
     def train_step(self, images: Any, labels: Any, pad: int, lr: float,
                    class_weights: np.ndarray | None) -> float:
         """One optimizer step on a batch; returns its mean (weighted) loss."""

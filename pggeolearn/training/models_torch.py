@@ -209,6 +209,12 @@ class TorchModel:
         nll = nn.functional.cross_entropy(logits, labels, reduction="none", ignore_index=M.IGNORE)
         return (nll * w).sum(), w.sum()
 
+    def sync(self) -> None:
+        """Wait for the device (CUDA runs backward and the step asynchronously), so that
+        compute is not counted as waiting for the next batch."""
+        if self.dev.type == "cuda":
+            torch.cuda.synchronize(self.dev)
+
     def train_step(self, images: torch.Tensor, labels: torch.Tensor, pad: int, lr: float,
                    class_weights: np.ndarray | None) -> float:
         """One optimizer step on a batch; returns its mean (weighted) loss."""
