@@ -97,8 +97,38 @@ def _load_osm(conn: psycopg.Connection, dsn: str, scene, osm: Path, say) -> None
                   geom_column="way", overwrite=True, progress=False)
 
 
+def load_banepa(conn: psycopg.Connection, data: str | Path
+                ) -> tuple[str, str, str, dict[int, str], float]:
+    """The Banepa folder (``../shared/data/banepa``) into PostGIS: ``(train imagery table,
+    predict imagery table, label SQL, classes, resolution)`` for a buildings dataset."""
+    from pggeolearn.importers import import_raster, import_vector
+
+    data = Path(data)
+    train_tif = data / "imagery" / "banepa_train_mosaic_epsg3857.tif"
+    predict_tif = data / "imagery" / "banepa_predict_mosaic_epsg3857.tif"
+    labels = next((data / "labels").glob("*.geojson"), None) if (data / "labels").is_dir() else None
+    if not train_tif.exists() or labels is None:
+        raise errors.ConfigError(f"{data} does not look like the Banepa folder "
+                                 "(imagery/banepa_train_mosaic_epsg3857.tif, labels/*.geojson)")
+    import_raster(conn, [train_tif], "public.banepa_train", overwrite=True, progress=False)
+    import_raster(conn, [predict_tif], "public.banepa_predict", overwrite=True, progress=False)
+    import_vector(conn, labels, "public.banepa_buildings", overwrite=True, progress=False)
+    resolution = conn.execute("SELECT scale_x FROM raster_columns WHERE r_table_name = "
+                              "'banepa_train'").fetchone()[0]
+    return "public.banepa_train", "public.banepa_predict", BANEPA_BUILDINGS, {1: "building"}, resolution
+
+
+def recipe(name: str, image_table: str, label_sql: str, classes: dict[int, str],
+           resolution: float) -> datasets.Recipe:
+    """The demo's dataset: 256 px tiles in EPSG:3857 over ``image_table`` at ``resolution``."""
+    return datasets.Recipe(
+        name=name, srid=3857, resolution=resolution, extent_from=image_table,
+        image_sql=f"SELECT rast FROM {image_table} WHERE ST_Intersects(rast, tile_geom)",
+        label_sql=label_sql, classes=classes)
+
+
 def run_demo(dsn: str | None = None, *, out: str | Path = "pggeolearn-demo", data: str | Path | None = None,
-             size_px: int = 2048, epochs: int = 30, minutes: float = 5.0, framework: str = "mxnet",
+             size_px: int = 2048, epochs: int = 30, minutes: float = 10.0, framework: str = "mxnet",
              jobs: int = 2, say: Callable[[str], None] = print) -> DemoReport:
     """Run the whole pipeline; ``data`` = a folder like ../shared/data/banepa for real data."""
     from pggeolearn.importers import import_raster, import_vector
@@ -121,21 +151,8 @@ def run_demo(dsn: str | None = None, *, out: str | Path = "pggeolearn-demo", dat
     with connect(target, autocommit=True) as conn:
         say("== 2/7 data")
         if data:
-            data = Path(data)
-            train_tif = data / "imagery" / "banepa_train_mosaic_epsg3857.tif"
-            predict_tif = data / "imagery" / "banepa_predict_mosaic_epsg3857.tif"
-            labels = next((data / "labels").glob("*.geojson"), None)
-            if not train_tif.exists() or labels is None:
-                raise errors.ConfigError(f"{data} does not look like the Banepa folder "
-                                         "(imagery/banepa_train_mosaic_epsg3857.tif, labels/*.geojson)")
-            import_raster(conn, [train_tif], "public.banepa_train", overwrite=True, progress=False)
-            import_raster(conn, [predict_tif], "public.banepa_predict", overwrite=True, progress=False)
-            import_vector(conn, labels, "public.banepa_buildings", overwrite=True, progress=False)
-            image_table, predict_table = "public.banepa_train", "public.banepa_predict"
-            label_sql, classes = BANEPA_BUILDINGS, {1: "building"}
-            resolution = conn.execute("SELECT scale_x FROM raster_columns WHERE r_table_name = "
-                                      "'banepa_train'").fetchone()[0]
-            say(f"loaded {train_tif.name}, {predict_tif.name} and {labels.name}")
+            image_table, predict_table, label_sql, classes, resolution = load_banepa(conn, data)
+            say(f"loaded the Banepa train and predict mosaics and building footprints from {data}")
         else:
             from pggeolearn.synthetic import make_scene, write_osm
 
@@ -153,10 +170,8 @@ def run_demo(dsn: str | None = None, *, out: str | Path = "pggeolearn-demo", dat
         step("load data")
 
         say("== 3/7 dataset recipe (labels in SQL)")
-        ds = datasets.create(conn, datasets.Recipe(
-            name="demo", srid=3857, resolution=resolution, extent_from=image_table,
-            image_sql=f"SELECT rast FROM {image_table} WHERE ST_Intersects(rast, tile_geom)",
-            label_sql=label_sql, classes=classes), overwrite=True)
+        ds = datasets.create(conn, recipe("demo", image_table, label_sql, classes, resolution),
+                             overwrite=True)
         say(ds.describe())
         step("dataset create")
 

@@ -47,6 +47,7 @@ from pggeolearn.predict import (
     relkind,
 )
 from pggeolearn.resources import sql_text
+from pggeolearn.tta import TTA
 from pggeolearn.training import metrics
 
 __all__ = ["EvalReport", "TileScore", "evaluate"]
@@ -191,8 +192,10 @@ def _write_png(path: Path, worst: list[tuple[TileScore, np.ndarray, np.ndarray, 
 def evaluate(dsn_or_conn: psycopg.Connection | str | None, model: str | Predictor, *, dataset: str,
              split: str = "test", out_layer: str | None = None, png: str | Path | None = None,
              n_worst: int = 8, batch_size: int = 8, overwrite: bool = False, force: bool = False,
-             device: str | None = None, progress: bool = True) -> EvalReport:
+             device: str | None = None, progress: bool = True, tta: bool = False) -> EvalReport:
     """Score ``model`` on the chips of ``dataset``'s ``split`` (see the module docstring).
+
+    ``tta``: average the model over flips and 90° rotations (:mod:`pggeolearn.tta`, 8x slower).
 
     ``out_layer``: a table name for the per-tile layer (AlreadyExists unless ``overwrite``; only
     pggeolearn's own tables are replaced unless ``force``, see :mod:`pggeolearn.outputs`);
@@ -214,9 +217,11 @@ def evaluate(dsn_or_conn: psycopg.Connection | str | None, model: str | Predicto
         layer = layer.table.parts if layer else None
         p = load_model(control, model, device=device)
         model_name = model if isinstance(model, str) else str(p.name)
+        if tta:
+            p = TTA(p)
         ds = datasets.get(control, dataset)
         r = ds.recipe
-        notes: list[str] = []
+        notes: list[str] = ["test-time augmentation: the mean over 8 flips and rotations"] if tta else []
         if int(p.tile_px) != r.tile_px:
             raise errors.ConfigError(f"model {model_name} takes {p.tile_px} px tiles, dataset {dataset}'s "
                                      f"chips are {r.tile_px} px (use pggeolearn predict --dataset)")
@@ -233,7 +238,7 @@ def evaluate(dsn_or_conn: psycopg.Connection | str | None, model: str | Predicto
             raise errors.NotBuilt(f"dataset {dataset} has no chips with imagery in split {split!r} "
                                   "(pggeolearn chips build / chips split)")
         params = {"dataset": dataset, "split": split, "out_layer": out_layer,
-                  "png": str(png) if png else None, "batch_size": batch_size}
+                  "png": str(png) if png else None, "batch_size": batch_size, "tta": tta}
         run = runs.Run.start(dsn, "evaluate", model=model_name, dataset=dataset, params=params)
         run_id = run.run_id
         try:

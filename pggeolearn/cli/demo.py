@@ -36,7 +36,7 @@ def synthetic(out_dir: Path, size_px: int, seed: int, pixel_m: float) -> None:
               help="Synthetic scene size in pixels (at least 2048: each spatial split needs blocks).")
 @click.option("--framework", type=click.Choice(["mxnet", "torch"]), default="mxnet", show_default=True)
 @click.option("--epochs", type=int, default=30, show_default=True)
-@click.option("--minutes", type=float, default=5.0, show_default=True, help="Training time limit.")
+@click.option("--minutes", type=float, default=10.0, show_default=True, help="Training time limit.")
 @click.option("--jobs", type=int, default=2, show_default=True, help="Connections building chips.")
 @pass_ctx
 def demo(ctx: Context, data, out, size_px, framework, epochs, minutes, jobs) -> None:

@@ -80,17 +80,19 @@ def predict(ctx: Context, model: str, extent, extent_srid, dataset, split, image
               help="With --overwrite: also replace a table pggeolearn did not create.")
 @click.option("--batch-size", type=click.IntRange(1, 4096), default=8, show_default=True)
 @click.option("--device", default=None, help="Model device: auto, cpu, gpu:0 [auto].")
+@click.option("--tta", is_flag=True,
+              help="Test-time augmentation: average over flips and 90° rotations (8x slower).")
 @click.option("--progress/--no-progress", default=True, help="Show a progress bar.")
 @pass_ctx
 def evaluate(ctx: Context, model: str, dataset: str, split: str, out_layer, png, worst, overwrite,
-             force, batch_size, device, progress) -> None:
+             force, batch_size, device, tta, progress) -> None:
     """Score MODEL on the chips of a dataset split: per-class IoU/F1, confusion matrix, and
     optionally a per-tile layer and a PNG of the worst tiles."""
     from pggeolearn import evaluate as lib
 
     report = lib.evaluate(ctx.dsn, model, dataset=dataset, split=split, out_layer=out_layer,
                           png=png, n_worst=worst, batch_size=batch_size, overwrite=overwrite,
-                          force=force, device=device, progress=progress)
+                          force=force, device=device, progress=progress, tta=tta)
     click.echo(str(report))
 
 

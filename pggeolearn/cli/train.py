@@ -35,8 +35,14 @@ from pggeolearn.db import connect
 @click.option("--width", type=click.IntRange(2, 512), default=None,
               help="Channels of the first U-Net level, doubled at each level [16].")
 @click.option("--depth", type=click.IntRange(1, 6), default=None, help="U-Net poolings [3].")
-@click.option("--stem-stride", type=click.Choice(["1", "2"]), default=None,
+@click.option("--stem-stride", type=click.Choice(["1", "2", "4"]), default=None,
               help="2 runs the encoder at half resolution (about 3x faster; labels stay full size) [2].")
+@click.option("--block", type=click.Choice(["plain", "residual"]), default=None,
+              help="U-Net levels of two convolutions, or with a residual shortcut [plain].")
+@click.option("--loss", type=click.Choice(["ce", "ce+dice"]), default=None,
+              help="Cross entropy, or cross entropy plus soft Dice (closer to IoU) [ce].")
+@click.option("--jitter", type=click.FloatRange(0, 1, max_open=True), default=None,
+              help="Colour jitter with --augment: band gain 1±J and brightness ±J std [0].")
 @click.option("--class-weights/--no-class-weights", default=None,
               help="Weigh the loss by inverse train class frequency (clipped) [on].")
 @click.option("--augment/--no-augment", default=None, help="Random flips and 90° rotations [on].")
@@ -63,7 +69,7 @@ from pggeolearn.db import connect
 @click.option("--progress/--no-progress", default=True, help="Show progress bars.")
 @pass_ctx
 def train(ctx: Context, dataset: str, model_name: str, framework, epochs, batch_size, lr, schedule,
-          device, seed, resume, width, depth, stem_stride, class_weights, augment, patience,
+          device, seed, resume, width, depth, stem_stride, block, loss, jitter, class_weights, augment, patience,
           time_limit, overwrite, force, plot, sampling, read_dsns, score_chips, progress) -> None:
     """Train a U-Net on DATASET's train split straight from the database, validate it on the
     spatially held-out val split every epoch, and store the best epoch as model NAME.
@@ -74,8 +80,8 @@ def train(ctx: Context, dataset: str, model_name: str, framework, epochs, batch_
     report = run_training(
         ctx.dsn, dataset, model_name, framework=framework, epochs=epochs, batch_size=batch_size,
         lr=lr, schedule=schedule, device=device, seed=seed, resume=resume, width=width,
-        depth=depth, stem_stride=int(stem_stride) if stem_stride else None,
-        class_weights=class_weights, augment=augment, patience=patience,
+        depth=depth, stem_stride=int(stem_stride) if stem_stride else None, block=block,
+        loss=loss, jitter=jitter, class_weights=class_weights, augment=augment, patience=patience,
         time_limit_min=time_limit, overwrite=overwrite, force=force, plot=plot, progress=progress,
         sampling=sampling, read_dsns=tuple(read_dsns), score_chips=score_chips)
     click.echo(str(report))

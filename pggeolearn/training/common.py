@@ -13,6 +13,8 @@ import numpy as np
 
 from pggeolearn import errors
 
+BLOCKS = ("plain", "residual")
+LOSSES = ("ce", "ce+dice")
 DEVICE_RE = re.compile(r"^(auto|cpu|gpu)(?::(\d+(?:,\d+)*))?$")
 
 
@@ -27,6 +29,7 @@ class Architecture:
     depth: int = 3
     stem_stride: int = 2
     name: str = "unet"
+    block: str = "plain"  # "residual": each level's two convolutions get a shortcut
 
     @property
     def channels(self) -> list[int]:
@@ -45,8 +48,10 @@ class Architecture:
             raise errors.ConfigError(f"depth must be 1..6, not {self.depth}")
         if not 2 <= self.width <= 512:
             raise errors.ConfigError(f"width must be 2..512, not {self.width}")
-        if self.stem_stride not in (1, 2):
-            raise errors.ConfigError(f"stem stride must be 1 or 2, not {self.stem_stride}")
+        if self.block not in BLOCKS:
+            raise errors.ConfigError(f"block must be one of {', '.join(BLOCKS)}, not {self.block!r}")
+        if self.stem_stride not in (1, 2, 4):
+            raise errors.ConfigError(f"stem stride must be 1, 2 or 4, not {self.stem_stride}")
         if self.in_channels < 1 or self.num_classes < 2:
             raise errors.ConfigError("a model needs at least 1 input band and 2 classes")
 
@@ -83,6 +88,18 @@ def map_error(exc: BaseException, batch_size: int) -> errors.PggeolearnError | N
     if isinstance(exc, errors.PggeolearnError):
         return None
     return oom_error(batch_size) if is_oom(exc) else None
+
+
+def jitter_params(seed: int, epoch: int, step: int, n: int, c: int,
+                  strength: float) -> tuple[np.ndarray, np.ndarray]:
+    """Colour jitter for a batch of ``n`` normalized images of ``c`` bands: a per-image,
+    per-band gain in ``1 ± strength`` and a per-image brightness shift in ``± strength``
+    standard deviations, as ``(gain (n, c, 1, 1), shift (n, 1, 1, 1))`` float32. Seeded by
+    ``(seed, epoch, step)``: the same numbers in both frameworks and on every run."""
+    rng = np.random.default_rng([seed, epoch, step, 0x6A17])
+    gain = rng.uniform(1 - strength, 1 + strength, (n, c, 1, 1)).astype(np.float32)
+    shift = rng.uniform(-strength, strength, (n, 1, 1, 1)).astype(np.float32)
+    return gain, shift
 
 
 def pad_to(images: np.ndarray, multiple: int) -> np.ndarray:

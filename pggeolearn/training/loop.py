@@ -49,6 +49,7 @@ from pggeolearn.db.errors import db_errors
 from pggeolearn.db.schema import require_schema
 from pggeolearn.training import metrics as M
 from pggeolearn.training.common import (
+    LOSSES,
     Architecture,
     json_safe,
     map_error,
@@ -70,10 +71,10 @@ DEFAULT_PATIENCE = 5  # epochs without a better val mIoU; not applied under a ti
 CHECKPOINT_FORMAT = "pggeolearn-checkpoint/1"
 DEFAULTS = {"framework": "mxnet", "width": 16, "depth": 3, "stem_stride": 2, "batch_size": 8,
             "lr": 1e-3, "schedule": "cosine", "seed": 0, "class_weights": True, "augment": True,
-            "weight_decay": 0.0}
+            "weight_decay": 0.0, "loss": "ce", "jitter": 0.0, "block": "plain"}
 # what a checkpoint fixes: changing it on --resume would train another model
 FIXED_ON_RESUME = ("framework", "width", "depth", "stem_stride", "batch_size", "lr", "schedule",
-                   "seed", "class_weights", "augment", "weight_decay")
+                   "seed", "class_weights", "augment", "weight_decay", "loss", "jitter", "block")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -183,6 +184,9 @@ class TrainOptions:
     class_weights: bool | None = None
     augment: bool | None = None
     weight_decay: float | None = None
+    loss: str | None = None  # "ce" or "ce+dice"
+    jitter: float | None = None  # colour jitter strength with augment (0: flips/rotations only)
+    block: str | None = None  # "plain" or "residual" U-Net levels
     patience: int | None = None  # None: DEFAULT_PATIENCE, or off when time_limit_min is given
     time_limit_min: float | None = None
     overwrite: bool = False
@@ -227,6 +231,10 @@ class TrainOptions:
             raise errors.ConfigError("patience must be >= 0 (0: no early stopping)")
         if self.time_limit_min is not None and self.time_limit_min <= 0:
             raise errors.ConfigError("time limit must be > 0 minutes")
+        if self.loss not in LOSSES:
+            raise errors.ConfigError(f"loss must be one of {', '.join(LOSSES)}, not {self.loss!r}")
+        if not 0 <= self.jitter < 1:
+            raise errors.ConfigError(f"colour jitter must be in [0, 1), not {self.jitter}")
         if self.weight_decay < 0:
             raise errors.ConfigError("weight decay must be >= 0")
         if self.seed < 0:
@@ -240,8 +248,8 @@ class TrainOptions:
     def hyperparameters(self) -> dict[str, Any]:
         """What the model registry and the run row record."""
         return {k: getattr(self, k) for k in ("batch_size", "lr", "schedule", "seed", "class_weights",
-                                             "augment", "weight_decay", "epochs", "patience",
-                                             "time_limit_min")} | {"optimizer": "adam"}
+                                             "augment", "weight_decay", "loss", "jitter", "epochs",
+                                             "patience", "time_limit_min")} | {"optimizer": "adam"}
 
 
 @dataclass
@@ -485,7 +493,7 @@ class _Training:
                 f"more with --epochs (the total), e.g. --epochs {self.state['epoch'] + 10}")
         o = self.opts
         self.arch = Architecture(in_channels=self.bands, num_classes=self.num_classes, width=o.width,
-                                 depth=o.depth, stem_stride=o.stem_stride)
+                                 depth=o.depth, stem_stride=o.stem_stride, block=o.block)
         self.arch.validate()
         if r.tile_px % self.arch.multiple:
             raise errors.ConfigError(
@@ -513,7 +521,7 @@ class _Training:
         self.fw = _framework(o.framework)
         self.model = _model_class(self.fw)(self.arch, o.device, seed=o.seed,
                                            normalization=self.normalization, lr=o.lr,
-                                           weight_decay=o.weight_decay)
+                                           weight_decay=o.weight_decay, loss=o.loss)
         self.model.label_lut = label_lut(self.class_ids)
         ndev = len(getattr(self.model, "ctx", [None]))
         if ndev > o.batch_size:
@@ -679,7 +687,7 @@ class _Training:
         waited, started = 0.0, time.perf_counter()
         batches = model.batches(self._read_dsn, self.ds.name, "train", batch_size=o.batch_size,
                                 shuffle=True, augment=o.augment, seed=o.seed, epoch=epoch,
-                                **({"sampling": o.sampling} if o.sampling else {}))
+                                jitter=o.jitter, **({"sampling": o.sampling} if o.sampling else {}))
         bar = tqdm(batches, total=math.ceil(self.counts["train"] / o.batch_size),
                    desc=f"epoch {epoch + 1}/{o.epochs} train", unit="batch", leave=False,
                    disable=not o.progress, dynamic_ncols=True)

@@ -55,38 +55,63 @@ class ConvBlock(gluon.HybridBlock):
         return self.body(x)
 
 
+class ResBlock(gluon.HybridBlock):
+    """Two (3x3 conv, BatchNorm) with a shortcut (identity, or 1x1 conv + BatchNorm when the
+    channels change), ReLU after the sum."""
+
+    def __init__(self, cin: int, cout: int, **kwargs: Any):
+        super().__init__(**kwargs)
+        with self.name_scope():
+            self.body = nn.HybridSequential()
+            self.body.add(nn.Conv2D(cout, 3, padding=1, use_bias=False, in_channels=cin),
+                          nn.BatchNorm(in_channels=cout), nn.Activation("relu"),
+                          nn.Conv2D(cout, 3, padding=1, use_bias=False, in_channels=cout),
+                          nn.BatchNorm(in_channels=cout))
+            self.short = None
+            if cin != cout:
+                self.short = nn.HybridSequential()
+                self.short.add(nn.Conv2D(cout, 1, use_bias=False, in_channels=cin),
+                               nn.BatchNorm(in_channels=cout))
+
+    def hybrid_forward(self, F, x):  # noqa: N803
+        s = x if self.short is None else self.short(x)
+        return F.relu(self.body(x) + s)
+
+
 class UNet(gluon.HybridBlock):
     """U-Net for semantic segmentation: ``(N, C, H, W)`` float32 -> ``(N, K, H, W)`` logits.
     Every layer states its input channels, so the parameters exist right after
     ``initialize()`` (no deferred initialization)."""
 
     def __init__(self, in_channels: int, num_classes: int, width: int = 16, depth: int = 3,
-                 stem_stride: int = 2, **kwargs: Any):
+                 stem_stride: int = 2, block: str = "plain", **kwargs: Any):
         super().__init__(**kwargs)
         cfg = Architecture(in_channels=in_channels, num_classes=num_classes, width=width,
-                           depth=depth, stem_stride=stem_stride)
+                           depth=depth, stem_stride=stem_stride, block=block)
         cfg.validate()
         self.cfg = cfg
         w = cfg.channels
         cin = in_channels
+        Block = ResBlock if block == "residual" else ConvBlock  # noqa: N806
         with self.name_scope():
-            if stem_stride == 2:
+            if stem_stride > 1:
                 self.stem = nn.HybridSequential()
-                self.stem.add(nn.Conv2D(w[0], 3, strides=2, padding=1, use_bias=False, in_channels=cin),
-                              nn.BatchNorm(in_channels=w[0]), nn.Activation("relu"))
-                cin = w[0]
+                for _ in range(stem_stride.bit_length() - 1):  # one stride-2 conv per halving
+                    self.stem.add(nn.Conv2D(w[0], 3, strides=2, padding=1, use_bias=False, in_channels=cin),
+                                  nn.BatchNorm(in_channels=w[0]), nn.Activation("relu"))
+                    cin = w[0]
             self.enc = nn.HybridSequential()
             for c in w:
-                self.enc.add(ConvBlock(cin, c))
+                self.enc.add(Block(cin, c))
                 cin = c
             self.up = nn.HybridSequential()
             self.dec = nn.HybridSequential()
             for c in reversed(w[:-1]):
                 self.up.add(nn.Conv2DTranspose(c, 2, strides=2, in_channels=cin))
-                self.dec.add(ConvBlock(2 * c, c))
+                self.dec.add(Block(2 * c, c))
                 cin = c
-            if stem_stride == 2:
-                self.head_up = nn.Conv2DTranspose(w[0], 2, strides=2, in_channels=cin)
+            if stem_stride > 1:
+                self.head_up = nn.Conv2DTranspose(w[0], stem_stride, strides=stem_stride, in_channels=cin)
                 self.refine = nn.HybridSequential()
                 self.refine.add(nn.Conv2D(w[0], 3, padding=1, use_bias=False, in_channels=w[0] + in_channels),
                                 nn.BatchNorm(in_channels=w[0]), nn.Activation("relu"))
@@ -94,7 +119,7 @@ class UNet(gluon.HybridBlock):
 
     def hybrid_forward(self, F, x):  # noqa: N803
         inputs = x
-        if self.cfg.stem_stride == 2:
+        if self.cfg.stem_stride > 1:
             x = self.stem(x)
         skips = []
         for i, block in enumerate(self.enc):
@@ -104,14 +129,14 @@ class UNet(gluon.HybridBlock):
             skips.append(x)
         for up, block, skip in zip(self.up, self.dec, reversed(skips[:-1]), strict=True):
             x = block(F.concat(up(x), skip, dim=1))
-        if self.cfg.stem_stride == 2:
+        if self.cfg.stem_stride > 1:
             x = self.refine(F.concat(self.head_up(x), inputs, dim=1))
         return self.classify(x)
 
 
 def build(cfg: Architecture, ctx: Sequence[Any] | None = None, hybridize: bool = True) -> UNet:
     """A new U-Net, Xavier-initialized on ``ctx`` (seed first: ``mx.random.seed``)."""
-    net = UNet(cfg.in_channels, cfg.num_classes, cfg.width, cfg.depth, cfg.stem_stride)
+    net = UNet(cfg.in_channels, cfg.num_classes, cfg.width, cfg.depth, cfg.stem_stride, cfg.block)
     net.initialize(mx.init.Xavier(magnitude=2.0), ctx=list(ctx or [mx.cpu()]))
     if hybridize:
         net.hybridize(static_alloc=True, static_shape=True)
@@ -193,8 +218,10 @@ class MxModel:
 
     def __init__(self, cfg: Architecture, device: str = "cpu", *, seed: int = 0,
                  normalization: dict[str, list[float]] | None = None, train: bool = True,
-                 lr: float = 1e-3, weight_decay: float = 0.0, ctx: Sequence[Any] | None = None):
+                 lr: float = 1e-3, weight_decay: float = 0.0, loss: str = "ce",
+                 ctx: Sequence[Any] | None = None):
         self.cfg = cfg
+        self.loss = loss
         self.ctx = list(ctx) if ctx else contexts(device)  # ctx: explicit contexts (tests)
         self.device = ",".join(str(c) for c in self.ctx)
         mx.random.seed(seed)  # the same stream on every context
@@ -212,21 +239,27 @@ class MxModel:
 
     # -- data ------------------------------------------------------------------------------
     def batches(self, dsn: str | Sequence[str] | None, dataset: str, split: str, *, batch_size: int,
-                shuffle: bool, augment: bool, seed: int, epoch: int,
+                shuffle: bool, augment: bool, seed: int, epoch: int, jitter: float = 0.0,
                 **stream: Any) -> Iterator[tuple[Any, Any, int]]:
         """``(images, labels, pad)`` of one epoch through :class:`~pggeolearn.mxnet.GeoIter`,
-        normalized on the first context; ``stream``: more GeoStream options (``sampling``)."""
+        normalized on the first context, colour-jittered when ``augment`` and ``jitter``;
+        ``stream``: more GeoStream options (``sampling``)."""
         it = GeoIter(dsn, dataset, split=split, batch_size=batch_size, ctx=self.ctx[0],
                      shuffle=shuffle, seed=seed, epoch=epoch, last_batch="pad",
                      augment=augment, normalize=self._norm_arg(), label_dtype="float32", **stream)
         lut = None if self.label_lut is None else mx.nd.array(self.label_lut, ctx=self.ctx[0])
         try:
-            for batch in it:
+            for step, batch in enumerate(it):
+                images = batch.data[0]
+                if augment and jitter:
+                    gain, shift = C.jitter_params(seed, epoch, step, images.shape[0], images.shape[1], jitter)
+                    images = mx.nd.broadcast_add(mx.nd.broadcast_mul(images, mx.nd.array(gain, ctx=images.context)),
+                                                 mx.nd.array(shift, ctx=images.context))
                 label = batch.label[0] if lut is None else mx.nd.take(lut, batch.label[0])
                 # NODATA pixels: out of the loss and the metrics
                 label = mx.nd.where(batch.valid > 0, label, mx.nd.full(label.shape, M.IGNORE,
                                                                       ctx=label.context))
-                yield batch.data[0], label, int(batch.pad)
+                yield images, label, int(batch.pad)
         finally:
             it.close()
 
@@ -246,6 +279,19 @@ class MxModel:
         logp = nd.log_softmax(logits, axis=1)
         nll = -nd.pick(logp, label, axis=1)
         return nd.sum(nll * weight_map), nd.sum(weight_map)
+
+    def _dice(self, logits: Any, label: Any, weight_map: Any) -> Any:
+        """1 - the soft Dice coefficient averaged over classes, over the batch's counted pixels
+        (a differentiable stand-in for IoU; the class weights play no part)."""
+        nd = mx.nd
+        k = self.cfg.num_classes
+        mask = (weight_map > 0).expand_dims(1)
+        probs = nd.softmax(logits, axis=1) * mask
+        onehot = nd.one_hot(nd.where(weight_map > 0, label, nd.zeros_like(label)), k)
+        onehot = nd.transpose(onehot, axes=(0, 3, 1, 2)) * mask
+        inter = nd.sum(probs * onehot, axis=(0, 2, 3))
+        card = nd.sum(probs + onehot, axis=(0, 2, 3))
+        return 1 - nd.mean((2 * inter + 1) / (card + 1))
 
     def _weights(self, label: Any, pad: int, class_weights: np.ndarray | None) -> Any:
         nd = mx.nd
@@ -274,12 +320,16 @@ class MxModel:
         weights = self._weights(labels, pad, class_weights)
         xs, ys, ws = self._split(images), self._split(labels), self._split(weights)
         with autograd.record():
-            parts = [self._loss(self.net(x), y, w) for x, y, w in zip(xs, ys, ws, strict=True)]
+            logits = [self.net(x) for x in xs]
+            parts = [self._loss(z, y, w) for z, y, w in zip(logits, ys, ws, strict=True)]
             total_w = sum(float(p[1].asscalar()) for p in parts) if len(parts) > 1 else None
             if total_w is None:
                 losses = [p[0] / mx.nd.maximum(p[1], 1e-12) for p in parts]
             else:
                 losses = [p[0] / max(total_w, 1e-12) for p in parts]
+            if self.loss == "ce+dice":
+                losses = [loss + self._dice(z, y, w) / len(xs)
+                          for loss, z, y, w in zip(losses, logits, ys, ws, strict=True)]
         autograd.backward(losses)
         self.trainer.step(1)
         return float(sum(loss.asscalar() for loss in losses))

@@ -30,34 +30,55 @@ class ConvBlock(nn.Sequential):
             nn.Conv2d(cout, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
 
 
+class ResBlock(nn.Module):
+    """Two (3x3 conv, BatchNorm) with a shortcut (identity, or 1x1 conv + BatchNorm when the
+    channels change), ReLU after the sum."""
+
+    def __init__(self, cin: int, cout: int):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
+            nn.Conv2d(cout, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout))
+        self.short = None if cin == cout else nn.Sequential(nn.Conv2d(cin, cout, 1, bias=False),
+                                                            nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = x if self.short is None else self.short(x)
+        return torch.relu(self.body(x) + s)
+
+
 class UNet(nn.Module):
     """U-Net for semantic segmentation: ``(N, C, H, W)`` float32 -> ``(N, K, H, W)`` logits."""
 
     def __init__(self, in_channels: int, num_classes: int, width: int = 16, depth: int = 3,
-                 stem_stride: int = 2):
+                 stem_stride: int = 2, block: str = "plain"):
         super().__init__()
         cfg = Architecture(in_channels=in_channels, num_classes=num_classes, width=width,
-                           depth=depth, stem_stride=stem_stride)
+                           depth=depth, stem_stride=stem_stride, block=block)
         cfg.validate()
         self.cfg = cfg
         w = cfg.channels
         cin = in_channels
-        if stem_stride == 2:
-            self.stem = nn.Sequential(nn.Conv2d(in_channels, w[0], 3, stride=2, padding=1, bias=False),
-                                      nn.BatchNorm2d(w[0]), nn.ReLU(inplace=True))
-            cin = w[0]
+        Block = ResBlock if block == "residual" else ConvBlock  # noqa: N806
+        if stem_stride > 1:
+            layers: list[nn.Module] = []
+            for _ in range(stem_stride.bit_length() - 1):  # one stride-2 conv per halving
+                layers += [nn.Conv2d(cin, w[0], 3, stride=2, padding=1, bias=False),
+                           nn.BatchNorm2d(w[0]), nn.ReLU(inplace=True)]
+                cin = w[0]
+            self.stem = nn.Sequential(*layers)
         self.enc = nn.ModuleList()
         for c in w:
-            self.enc.append(ConvBlock(cin, c))
+            self.enc.append(Block(cin, c))
             cin = c
         self.up = nn.ModuleList()
         self.dec = nn.ModuleList()
         for c in reversed(w[:-1]):
             self.up.append(nn.ConvTranspose2d(cin, c, 2, stride=2))
-            self.dec.append(ConvBlock(2 * c, c))
+            self.dec.append(Block(2 * c, c))
             cin = c
-        if stem_stride == 2:
-            self.head_up = nn.ConvTranspose2d(cin, w[0], 2, stride=2)
+        if stem_stride > 1:
+            self.head_up = nn.ConvTranspose2d(cin, w[0], stem_stride, stride=stem_stride)
             self.refine = nn.Sequential(nn.Conv2d(w[0] + in_channels, w[0], 3, padding=1, bias=False),
                                         nn.BatchNorm2d(w[0]), nn.ReLU(inplace=True))
         self.classify = nn.Conv2d(w[0], num_classes, 1)
@@ -69,7 +90,7 @@ class UNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         inputs = x
-        if self.cfg.stem_stride == 2:
+        if self.cfg.stem_stride > 1:
             x = self.stem(x)
         skips = []
         for i, block in enumerate(self.enc):
@@ -79,14 +100,14 @@ class UNet(nn.Module):
             skips.append(x)
         for up, block, skip in zip(self.up, self.dec, reversed(skips[:-1]), strict=True):
             x = block(torch.cat([up(x), skip], dim=1))
-        if self.cfg.stem_stride == 2:
+        if self.cfg.stem_stride > 1:
             x = self.refine(torch.cat([self.head_up(x), inputs], dim=1))
         return self.classify(x)
 
 
 def build(cfg: Architecture) -> UNet:
     """A new U-Net (seed first: ``torch.manual_seed``)."""
-    return UNet(cfg.in_channels, cfg.num_classes, cfg.width, cfg.depth, cfg.stem_stride)
+    return UNet(cfg.in_channels, cfg.num_classes, cfg.width, cfg.depth, cfg.stem_stride, cfg.block)
 
 
 def weights_to_bytes(net: nn.Module) -> bytes:
@@ -142,9 +163,10 @@ class TorchModel:
 
     def __init__(self, cfg: Architecture, device: str = "cpu", *, seed: int = 0,
                  normalization: dict[str, list[float]] | None = None, train: bool = True,
-                 lr: float = 1e-3, weight_decay: float = 0.0):
+                 lr: float = 1e-3, weight_decay: float = 0.0, loss: str = "ce"):
         _threads()
         self.cfg = cfg
+        self.loss = loss
         self.dev = device_of(device)
         self.device = str(self.dev)
         torch.manual_seed(seed)
@@ -176,21 +198,26 @@ class TorchModel:
 
     # -- data ------------------------------------------------------------------------------
     def batches(self, dsn: str | Sequence[str] | None, dataset: str, split: str, *, batch_size: int,
-                shuffle: bool, augment: bool, seed: int, epoch: int,
+                shuffle: bool, augment: bool, seed: int, epoch: int, jitter: float = 0.0,
                 **stream: Any) -> Iterator[tuple[Any, Any, int]]:
         """``(images, labels, pad)`` of one epoch through :func:`pggeolearn.torch.make_loader`,
-        normalized on the device; ``stream``: more GeoStream options (``sampling``)."""
+        normalized on the device, colour-jittered when ``augment`` and ``jitter``;
+        ``stream``: more GeoStream options (``sampling``)."""
         loader = make_loader(dsn, dataset, split=split, batch_size=batch_size, epoch=epoch,
                              shuffle=shuffle, seed=seed, augment=augment, last_batch="pad",
                              normalize=False, pin_memory=self.dev.type == "cuda", **stream)
         lut = None if self.label_lut is None else torch.as_tensor(self.label_lut, device=self.dev).long()
-        for batch in loader:
+        for step, batch in enumerate(loader):
+            images = self._normalize(batch["image"])
+            if augment and jitter:
+                gain, shift = C.jitter_params(seed, epoch, step, images.shape[0], images.shape[1], jitter)
+                images = images * torch.from_numpy(gain).to(self.dev) + torch.from_numpy(shift).to(self.dev)
             label = batch["label"].to(self.dev, non_blocking=True).long()
             if lut is not None:
                 label = lut[label]
             # NODATA pixels: out of the loss and the metrics
             label = label.masked_fill(~batch["valid"].to(self.dev, non_blocking=True), M.IGNORE)
-            yield self._normalize(batch["image"]), label, int(batch["pad"])
+            yield images, label, int(batch["pad"])
 
     # -- one step ----------------------------------------------------------------------------
     def _weights(self, labels: torch.Tensor, pad: int, class_weights: np.ndarray | None) -> torch.Tensor:
@@ -209,6 +236,17 @@ class TorchModel:
         nll = nn.functional.cross_entropy(logits, labels, reduction="none", ignore_index=M.IGNORE)
         return (nll * w).sum(), w.sum()
 
+    def _dice(self, logits: torch.Tensor, labels: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """1 - the soft Dice coefficient averaged over classes, over the batch's counted pixels
+        (a differentiable stand-in for IoU; the class weights play no part)."""
+        mask = (w > 0).unsqueeze(1).float()
+        probs = torch.softmax(logits, dim=1) * mask
+        onehot = nn.functional.one_hot(labels.masked_fill(w <= 0, 0), self.cfg.num_classes)
+        onehot = onehot.permute(0, 3, 1, 2).float() * mask
+        inter = (probs * onehot).sum(dim=(0, 2, 3))
+        card = (probs + onehot).sum(dim=(0, 2, 3))
+        return 1 - ((2 * inter + 1) / (card + 1)).mean()
+
     def sync(self) -> None:
         """Wait for the device (CUDA runs backward and the step asynchronously), so that
         compute is not counted as waiting for the next batch."""
@@ -222,8 +260,11 @@ class TorchModel:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         w = self._weights(labels, pad, class_weights)
-        s, n = self._loss(self.net(images), labels, w)
+        logits = self.net(images)
+        s, n = self._loss(logits, labels, w)
         loss = s / n.clamp_min(1e-12)
+        if self.loss == "ce+dice":
+            loss = loss + self._dice(logits, labels, w)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()

@@ -21,6 +21,8 @@ from pggeolearn.training import metrics as M
 from pggeolearn.training import registry, train
 
 PX = 16
+# Banepa under a 3-minute CPU budget (test split): the 0.x defaults reached mIoU TODO there
+TEST_MARGIN, TEST_FLOOR, BUILDING_FLOOR = 0.3, 0.6, 0.5
 TINY = dict(width=4, depth=1, stem_stride=1, batch_size=4, lr=0.02, progress=False)
 
 
@@ -361,29 +363,23 @@ def test_resume_with_other_classes_is_refused(db_dsn, conn):
 
 @pytest.mark.slow
 @pytest.mark.banepa
-def test_banepa_buildings_beat_the_baselines(conn, db_dsn, banepa):
-    """The real thing, shortened for CI (~3-4 min on 2 cores): MXNet, 6 epochs."""
-    import rasterio
+def test_banepa_buildings_beat_the_baselines_by_a_margin(conn, db_dsn, banepa):
+    """The real thing, shortened for CI: default settings under a 3-minute budget on the CPU,
+    scored on the untouched test split. The margins are what the old defaults (depth 3, cross
+    entropy, no colour jitter) did not reach in the same budget (see benchmarks/bench_train.py)."""
+    from pggeolearn import chips, demo
+    from pggeolearn.evaluate import evaluate
 
-    from pggeolearn import chips
-    from pggeolearn.importers import import_raster, import_vector
-
-    mosaic = banepa / "imagery" / "banepa_train_mosaic_epsg3857.tif"
-    with rasterio.open(mosaic) as src:
-        res = src.res[0]
-    import_raster(conn, [mosaic], "public.banepa", progress=False)
-    import_vector(conn, banepa / "labels" / "osm_features_ac7e343eb1faacd2.geojson", "public.buildings",
-                  progress=False)
-    datasets.create(conn, datasets.Recipe(
-        name="banepa", srid=3857, resolution=res, extent_from="public.banepa",
-        image_sql="SELECT rast FROM public.banepa WHERE ST_Intersects(rast, tile_geom)",
-        label_sql="SELECT geom, 1 AS class_id FROM public.buildings WHERE geom && ST_Transform(tile_geom, 4326)",
-        classes={1: "building"}))
+    image_table, _, label_sql, classes, res = demo.load_banepa(conn, banepa)
+    datasets.create(conn, demo.recipe("banepa", image_table, label_sql, classes, res))
     chips.build(db_dsn, "banepa", jobs=2, progress=False)
-    report = train(db_dsn, "banepa", "banepa-unet", epochs=6, lr=2e-3, device="cpu", progress=False)
-    base = report.baselines["all background"].miou
-    assert report.best.miou > base + 0.1, str(report)
-    assert report.best.iou[1] > 0.3, str(report)
+    report = train(db_dsn, "banepa", "banepa-unet", epochs=100, time_limit_min=3, device="cpu",
+                   progress=False)
+    test = evaluate(db_dsn, "banepa-unet", dataset="banepa", split="test", progress=False)
+    background_only = report.baselines["all background"].miou
+    assert test.scores.miou > background_only + TEST_MARGIN, str(test)
+    assert test.scores.miou >= TEST_FLOOR, f"{test}\n{report}"
+    assert test.scores.iou[1] >= BUILDING_FLOOR, str(test)
 
 
 def test_mxnet_data_parallel_over_two_contexts():

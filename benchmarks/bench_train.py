@@ -1,0 +1,139 @@
+"""Model quality against wall time: test mIoU on the real Banepa data for training configurations,
+MXNet and PyTorch, each under the same time budget, side by side in one run.
+
+Run: ``python benchmarks/bench_train.py [--dsn DSN] [--minutes 10] [--frameworks mxnet torch]
+[--configs baseline default] [--tta] [--png curves.png]``
+
+The data: the Banepa mosaics and OSM buildings in ``../shared/data/banepa`` (skipped with a
+message when absent), imported into a scratch database and cut into the demo's dataset (256 px
+tiles, spatial train/val/test blocks). Every configuration trains with ``--time-limit MINUTES``
+(the schedule anneals by then); the best epoch on **val** is the model, scored on the untouched
+**test** split (and with test-time augmentation when ``--tta``). Configurations (``--configs``,
+in order; ``default`` is what ``pggeolearn train`` does with no options):
+
+* ``baseline``: the 0.x defaults (plain U-Net depth 3, cross entropy, flips and rotations);
+* ``deeper``: baseline with depth 5 (a receptive field the size of a house);
+* ``residual``: deeper with residual levels;
+* ``dice``: residual with cross entropy + soft Dice;
+* ``default``: today's defaults (dice with colour jitter).
+
+The table gives epochs run, best val mIoU, test mIoU, test building IoU and the gain over the
+first configuration of the same framework; the PNG (matplotlib) plots val mIoU against wall time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from _common import SHARED_DATA, conditions, print_table, scratch_database  # noqa: E402
+
+from pggeolearn import chips, datasets, demo  # noqa: E402
+from pggeolearn.db.connect import connect  # noqa: E402
+
+BASELINE = {"depth": 3, "block": "plain", "loss": "ce", "jitter": 0.0}
+CONFIGS = {
+    "baseline": BASELINE,
+    "deeper": {**BASELINE, "depth": 5},
+    "residual": {**BASELINE, "depth": 5, "block": "residual"},
+    "dice": {**BASELINE, "depth": 5, "block": "residual", "loss": "ce+dice"},
+    "default": {},
+}
+
+
+def build_dataset(dsn: str, data: Path) -> str:
+    with connect(dsn, autocommit=True) as conn:
+        image_table, _, label_sql, classes, resolution = demo.load_banepa(conn, data)
+        datasets.create(conn, demo.recipe("banepa", image_table, label_sql, classes, resolution))
+        chips.build(conn, "banepa", jobs=2, progress=False)
+    return "banepa"
+
+
+def run_one(dsn: str, dataset: str, framework: str, config: str, minutes: float, tta: bool) -> dict:
+    from pggeolearn import training
+    from pggeolearn.evaluate import evaluate
+
+    curve: list[tuple[float, float]] = []
+    t0 = time.perf_counter()
+    model = f"bench-{framework}-{config}"
+    rep = training.train(dsn, dataset, model, framework=framework, epochs=1000, time_limit_min=minutes,
+                         overwrite=True, progress=False, device="cpu",
+                         on_epoch=lambda r: curve.append((time.perf_counter() - t0, r["val"]["miou"])),
+                         **CONFIGS[config])
+    seconds = time.perf_counter() - t0
+    test = evaluate(dsn, model, dataset=dataset, split="test", progress=False)
+    row = {"framework": framework, "config": config, "epochs": len(rep.history), "seconds": seconds,
+           "val": rep.best.miou, "test": test.scores.miou, "building": test.scores.iou[-1], "curve": curve}
+    if tta:
+        row["test_tta"] = evaluate(dsn, model, dataset=dataset, split="test", progress=False,
+                                   tta=True).scores.miou
+    print(f"  {framework} {config}: {row['epochs']} epochs in {seconds:.0f} s, val {row['val']:.3f}, "
+          f"test {row['test']:.3f}", flush=True)
+    return row
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"matplotlib is not installed: no {path} (pip install 'pggeolearn[plot]')")
+        return
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for r in rows:
+        xs = [t / 60 for t, _ in r["curve"]]
+        ax.plot(xs, [m for _, m in r["curve"]], marker="o", ms=3,
+                label=f"{r['framework']} {r['config']} (test {r['test']:.3f})")
+    ax.set_xlabel("wall time (min)")
+    ax.set_ylabel("val mIoU")
+    ax.set_title("Banepa buildings: val mIoU per epoch against training time")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    print(f"wrote {path}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--dsn", help="a server to make a scratch database on (default: a temporary cluster)")
+    ap.add_argument("--minutes", type=float, default=10.0, help="training budget per configuration")
+    ap.add_argument("--frameworks", nargs="+", default=["mxnet", "torch"], choices=["mxnet", "torch"])
+    ap.add_argument("--configs", nargs="+", default=["baseline", "default"], choices=list(CONFIGS))
+    ap.add_argument("--tta", action="store_true", help="also score the test split with test-time augmentation")
+    ap.add_argument("--png", type=Path, default=Path("bench_train.png"))
+    args = ap.parse_args()
+    data = SHARED_DATA / "banepa"
+    if not (data / "imagery").is_dir():
+        print(f"skipped: the Banepa data is not at {data} (set PGGEOLEARN_DATA)")
+        return
+    print(conditions())
+    rows = []
+    with scratch_database(args.dsn) as dsn:
+        dataset = build_dataset(dsn, data)
+        for fw in args.frameworks:
+            for config in args.configs:
+                rows.append(run_one(dsn, dataset, fw, config, args.minutes, args.tta))
+    first = {}
+    table = []
+    for r in rows:
+        ref = first.setdefault(r["framework"], r["test"])
+        table.append([r["framework"], r["config"], r["epochs"], f"{r['seconds'] / 60:.1f}", f"{r['val']:.3f}",
+                      f"{r['test']:.3f}", f"{r['building']:.3f}"]
+                     + ([f"{r['test_tta']:.3f}"] if args.tta else []) + [f"{r['test'] - ref:+.3f}"])
+    print_table(f"Banepa buildings, {args.minutes:g} min budget per run on the CPU (test: the untouched split)",
+                ["framework", "config", "epochs", "min", "val mIoU", "test mIoU", "test IoU building"]
+                + (["test mIoU, TTA"] if args.tta else []) + ["gain"], table)
+    print(conditions())
+    plot(rows, args.png)
+
+
+if __name__ == "__main__":
+    main()
