@@ -365,6 +365,18 @@ def test_refusals_are_one_line_and_write_nothing(conn, db_dsn):
                         extent=ext, overlap=64, progress=False)
 
 
+def test_options_are_one_value_or_keywords():
+    """``predict(dsn, model, PredictOptions(...), **kw)``: keywords replace the options' fields;
+    bad or unknown options are one-line ConfigErrors before anything is read."""
+    opts = predict.PredictOptions(out="public.out", imagery="public.img", extent=(0, 0, 1, 1), stitch="nope")
+    with pytest.raises(errors.ConfigError, match="stitch must be one of centre, blend"):
+        predict.predict(None, BrightnessPredictor(), opts)
+    with pytest.raises(errors.ConfigError, match="batch size must be 1..4096"):
+        predict.predict(None, BrightnessPredictor(), opts, stitch="blend", batch_size=0)
+    with pytest.raises(errors.ConfigError, match="bad predict option.*'nope'"):
+        predict.predict(None, BrightnessPredictor(), out="public.out", nope=1)
+
+
 def test_overwrite_and_append(conn, db_dsn):
     data = np.full((3, 64, 128), 30, np.uint8)
     data[:, 10:20, 10:20] = 230
