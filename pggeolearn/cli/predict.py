@@ -46,11 +46,13 @@ from pggeolearn.cli.context import Context, pass_ctx
               help="Time allowed to read the imagery of one row of windows.")
 @click.option("--grid-origin", nargs=2, type=float, default=None, metavar="X Y",
               help="Put pixel edges on X + k*res, Y - k*res [the model's dataset's grid].")
+@click.option("--tta", is_flag=True,
+              help="Test-time augmentation: average over flips and 90° rotations (8x slower).")
 @click.option("--progress/--no-progress", default=True, help="Show a progress bar.")
 @pass_ctx
 def predict(ctx: Context, model: str, extent, extent_srid, dataset, split, imagery, out, polygons,
             no_polygons, min_pixels, probabilities, overlap, stitch, overwrite, append, force, batch_size,
-            tile_size, device, statement_timeout, grid_origin, progress) -> None:
+            tile_size, device, statement_timeout, grid_origin, tta, progress) -> None:
     """Run MODEL (a registry name, or module:attribute) over an extent or a dataset split and
     write a class raster, polygons and optionally probabilities into PostGIS, styled for QGIS.
     No imagery: NODATA 255."""
@@ -61,7 +63,8 @@ def predict(ctx: Context, model: str, extent, extent_srid, dataset, split, image
                          stitch=stitch, probabilities=probabilities, vectorize=not no_polygons,
                          polygons=polygons, min_pixels=min_pixels, overwrite=overwrite, append=append, force=force,
                          batch_size=batch_size, tile_px=tile_size, device=device,
-                         timeout_s=statement_timeout, progress=progress, grid_origin=grid_origin or None)
+                         timeout_s=statement_timeout, progress=progress, grid_origin=grid_origin or None,
+                         tta=tta)
     click.echo(str(report))
 
 

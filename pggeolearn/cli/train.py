@@ -39,6 +39,9 @@ from pggeolearn.db import connect
               help="2 runs the encoder at half resolution (about 3x faster; labels stay full size) [2].")
 @click.option("--block", type=click.Choice(["plain", "residual"]), default=None,
               help="U-Net levels of two convolutions, or with a residual shortcut [plain].")
+@click.option("--head", type=click.Choice(["refine", "bilinear"]), default=None,
+              help="After a stem: a full-resolution conv over the upsampled features and the "
+                   "input, or logits upsampled bilinearly (cheaper) [refine].")
 @click.option("--loss", type=click.Choice(["ce", "ce+dice"]), default=None,
               help="Cross entropy, or cross entropy plus soft Dice (closer to IoU) [ce].")
 @click.option("--jitter", type=click.FloatRange(0, 1, max_open=True), default=None,
@@ -69,7 +72,7 @@ from pggeolearn.db import connect
 @click.option("--progress/--no-progress", default=True, help="Show progress bars.")
 @pass_ctx
 def train(ctx: Context, dataset: str, model_name: str, framework, epochs, batch_size, lr, schedule,
-          device, seed, resume, width, depth, stem_stride, block, loss, jitter, class_weights, augment, patience,
+          device, seed, resume, width, depth, stem_stride, block, head, loss, jitter, class_weights, augment, patience,
           time_limit, overwrite, force, plot, sampling, read_dsns, score_chips, progress) -> None:
     """Train a U-Net on DATASET's train split straight from the database, validate it on the
     spatially held-out val split every epoch, and store the best epoch as model NAME.
@@ -80,7 +83,7 @@ def train(ctx: Context, dataset: str, model_name: str, framework, epochs, batch_
     report = run_training(
         ctx.dsn, dataset, model_name, framework=framework, epochs=epochs, batch_size=batch_size,
         lr=lr, schedule=schedule, device=device, seed=seed, resume=resume, width=width,
-        depth=depth, stem_stride=int(stem_stride) if stem_stride else None, block=block,
+        depth=depth, stem_stride=int(stem_stride) if stem_stride else None, block=block, head=head,
         loss=loss, jitter=jitter, class_weights=class_weights, augment=augment, patience=patience,
         time_limit_min=time_limit, overwrite=overwrite, force=force, plot=plot, progress=progress,
         sampling=sampling, read_dsns=tuple(read_dsns), score_chips=score_chips)

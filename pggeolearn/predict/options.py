@@ -23,7 +23,7 @@ class PredictOptions:
     ``grid_origin``. The outputs: ``out``, ``polygons``, ``probabilities``, ``vectorize``,
     ``min_pixels``, ``tile_px``, ``overviews``, ``overwrite``, ``append``, ``force``. The run:
     ``overlap`` (None: from the model's window), ``stitch``, ``batch_size``, ``device``,
-    ``timeout_s``, ``progress``.
+    ``timeout_s``, ``progress``, ``tta`` (test-time augmentation: :mod:`pggeolearn.tta`).
     """
 
     out: str
@@ -48,6 +48,7 @@ class PredictOptions:
     timeout_s: float = DEFAULT_TIMEOUT_S
     progress: bool = True
     grid_origin: Sequence[float] | None = None
+    tta: bool = False
 
     def check(self) -> None:
         """A one-line ConfigError for values that cannot work, before anything is read."""

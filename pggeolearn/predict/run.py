@@ -22,6 +22,7 @@ from pggeolearn.db.schema import require_schema
 from pggeolearn.db.tables import TableName
 from pggeolearn.predict.grid import NODATA, PROB_SCALE, Grid
 from pggeolearn.predict.model import Predictor, call_model, load_model
+from pggeolearn.tta import TTA
 from pggeolearn.predict.options import DEFAULT_OVERLAP, PredictOptions
 from pggeolearn.predict.plan import OutputNames, Plan, make_plan, output_names, outputs_of
 from pggeolearn.predict.sink import Writer, create_schemas
@@ -133,6 +134,8 @@ def predict(dsn_or_conn: psycopg.Connection | str | None, model: str | Predictor
         outputs.check(control, outputs_of(names, opts.overviews), reads=reads, overwrite=opts.overwrite,
                       append=opts.append, force=opts.force)
         p = load_model(control, model, device=opts.device)
+        if opts.tta:
+            p = TTA(p)
         model_name = model if isinstance(model, str) else str(p.name)
         opts = _resolve_overlap(opts, p)
         plan = make_plan(control, p, model_name, opts, names)
@@ -180,7 +183,7 @@ def _run_params(opts: PredictOptions, names: OutputNames, p: Predictor) -> dict[
             "probabilities": opts.probabilities, "vectorize": opts.vectorize, "tile_px": opts.tile_px,
             "min_pixels": opts.min_pixels, "grid_origin": list(opts.grid_origin) if opts.grid_origin else None,
             "batch_size": opts.batch_size, "overwrite": opts.overwrite, "append": opts.append,
-            "framework": str(getattr(p, "framework", "")), "window": int(p.tile_px)}
+            "framework": str(getattr(p, "framework", "")), "window": int(p.tile_px), "tta": opts.tta}
 
 
 def _execute(dsn: str | None, plan: Plan, names: OutputNames, report: PredictReport, opts: PredictOptions,

@@ -14,6 +14,7 @@ import numpy as np
 from pggeolearn import errors
 
 BLOCKS = ("plain", "residual")
+HEADS = ("refine", "bilinear")
 LOSSES = ("ce", "ce+dice")
 DEVICE_RE = re.compile(r"^(auto|cpu|gpu)(?::(\d+(?:,\d+)*))?$")
 
@@ -30,6 +31,7 @@ class Architecture:
     stem_stride: int = 2
     name: str = "unet"
     block: str = "plain"  # "residual": each level's two convolutions get a shortcut
+    head: str = "refine"  # after a stem: "refine" (a full-resolution conv with the input) or "bilinear"
 
     @property
     def channels(self) -> list[int]:
@@ -50,6 +52,8 @@ class Architecture:
             raise errors.ConfigError(f"width must be 2..512, not {self.width}")
         if self.block not in BLOCKS:
             raise errors.ConfigError(f"block must be one of {', '.join(BLOCKS)}, not {self.block!r}")
+        if self.head not in HEADS:
+            raise errors.ConfigError(f"head must be one of {', '.join(HEADS)}, not {self.head!r}")
         if self.stem_stride not in (1, 2, 4):
             raise errors.ConfigError(f"stem stride must be 1, 2 or 4, not {self.stem_stride}")
         if self.in_channels < 1 or self.num_classes < 2:

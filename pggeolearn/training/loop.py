@@ -71,10 +71,11 @@ DEFAULT_PATIENCE = 5  # epochs without a better val mIoU; not applied under a ti
 CHECKPOINT_FORMAT = "pggeolearn-checkpoint/1"
 DEFAULTS = {"framework": "mxnet", "width": 16, "depth": 3, "stem_stride": 2, "batch_size": 8,
             "lr": 1e-3, "schedule": "cosine", "seed": 0, "class_weights": True, "augment": True,
-            "weight_decay": 0.0, "loss": "ce", "jitter": 0.0, "block": "plain"}
+            "weight_decay": 0.0, "loss": "ce", "jitter": 0.0, "block": "plain",
+            "head": "refine"}
 # what a checkpoint fixes: changing it on --resume would train another model
 FIXED_ON_RESUME = ("framework", "width", "depth", "stem_stride", "batch_size", "lr", "schedule",
-                   "seed", "class_weights", "augment", "weight_decay", "loss", "jitter", "block")
+                   "seed", "class_weights", "augment", "weight_decay", "loss", "jitter", "block", "head")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -187,6 +188,7 @@ class TrainOptions:
     loss: str | None = None  # "ce" or "ce+dice"
     jitter: float | None = None  # colour jitter strength with augment (0: flips/rotations only)
     block: str | None = None  # "plain" or "residual" U-Net levels
+    head: str | None = None  # after a stem: "refine" (full-resolution conv) or "bilinear" logits
     patience: int | None = None  # None: DEFAULT_PATIENCE, or off when time_limit_min is given
     time_limit_min: float | None = None
     overwrite: bool = False
@@ -493,7 +495,8 @@ class _Training:
                 f"more with --epochs (the total), e.g. --epochs {self.state['epoch'] + 10}")
         o = self.opts
         self.arch = Architecture(in_channels=self.bands, num_classes=self.num_classes, width=o.width,
-                                 depth=o.depth, stem_stride=o.stem_stride, block=o.block)
+                                 depth=o.depth, stem_stride=o.stem_stride, block=o.block,
+                                 head=o.head)
         self.arch.validate()
         if r.tile_px % self.arch.multiple:
             raise errors.ConfigError(

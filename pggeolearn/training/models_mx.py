@@ -84,10 +84,10 @@ class UNet(gluon.HybridBlock):
     ``initialize()`` (no deferred initialization)."""
 
     def __init__(self, in_channels: int, num_classes: int, width: int = 16, depth: int = 3,
-                 stem_stride: int = 2, block: str = "plain", **kwargs: Any):
+                 stem_stride: int = 2, block: str = "plain", head: str = "refine", **kwargs: Any):
         super().__init__(**kwargs)
         cfg = Architecture(in_channels=in_channels, num_classes=num_classes, width=width,
-                           depth=depth, stem_stride=stem_stride, block=block)
+                           depth=depth, stem_stride=stem_stride, block=block, head=head)
         cfg.validate()
         self.cfg = cfg
         w = cfg.channels
@@ -110,7 +110,7 @@ class UNet(gluon.HybridBlock):
                 self.up.add(nn.Conv2DTranspose(c, 2, strides=2, in_channels=cin))
                 self.dec.add(Block(2 * c, c))
                 cin = c
-            if stem_stride > 1:
+            if stem_stride > 1 and head == "refine":
                 self.head_up = nn.Conv2DTranspose(w[0], stem_stride, strides=stem_stride, in_channels=cin)
                 self.refine = nn.HybridSequential()
                 self.refine.add(nn.Conv2D(w[0], 3, padding=1, use_bias=False, in_channels=w[0] + in_channels),
@@ -129,14 +129,17 @@ class UNet(gluon.HybridBlock):
             skips.append(x)
         for up, block, skip in zip(self.up, self.dec, reversed(skips[:-1]), strict=True):
             x = block(F.concat(up(x), skip, dim=1))
-        if self.cfg.stem_stride > 1:
+        if self.cfg.stem_stride > 1 and self.cfg.head == "refine":
             x = self.refine(F.concat(self.head_up(x), inputs, dim=1))
-        return self.classify(x)
+        x = self.classify(x)
+        if self.cfg.stem_stride > 1 and self.cfg.head == "bilinear":  # logits back to full size
+            x = F.contrib.BilinearResize2D(x, inputs, mode="like", align_corners=False)
+        return x
 
 
 def build(cfg: Architecture, ctx: Sequence[Any] | None = None, hybridize: bool = True) -> UNet:
     """A new U-Net, Xavier-initialized on ``ctx`` (seed first: ``mx.random.seed``)."""
-    net = UNet(cfg.in_channels, cfg.num_classes, cfg.width, cfg.depth, cfg.stem_stride, cfg.block)
+    net = UNet(cfg.in_channels, cfg.num_classes, cfg.width, cfg.depth, cfg.stem_stride, cfg.block, cfg.head)
     net.initialize(mx.init.Xavier(magnitude=2.0), ctx=list(ctx or [mx.cpu()]))
     if hybridize:
         net.hybridize(static_alloc=True, static_shape=True)

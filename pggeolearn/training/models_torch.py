@@ -51,10 +51,10 @@ class UNet(nn.Module):
     """U-Net for semantic segmentation: ``(N, C, H, W)`` float32 -> ``(N, K, H, W)`` logits."""
 
     def __init__(self, in_channels: int, num_classes: int, width: int = 16, depth: int = 3,
-                 stem_stride: int = 2, block: str = "plain"):
+                 stem_stride: int = 2, block: str = "plain", head: str = "refine"):
         super().__init__()
         cfg = Architecture(in_channels=in_channels, num_classes=num_classes, width=width,
-                           depth=depth, stem_stride=stem_stride, block=block)
+                           depth=depth, stem_stride=stem_stride, block=block, head=head)
         cfg.validate()
         self.cfg = cfg
         w = cfg.channels
@@ -77,7 +77,7 @@ class UNet(nn.Module):
             self.up.append(nn.ConvTranspose2d(cin, c, 2, stride=2))
             self.dec.append(Block(2 * c, c))
             cin = c
-        if stem_stride > 1:
+        if stem_stride > 1 and head == "refine":
             self.head_up = nn.ConvTranspose2d(cin, w[0], stem_stride, stride=stem_stride)
             self.refine = nn.Sequential(nn.Conv2d(w[0] + in_channels, w[0], 3, padding=1, bias=False),
                                         nn.BatchNorm2d(w[0]), nn.ReLU(inplace=True))
@@ -100,14 +100,17 @@ class UNet(nn.Module):
             skips.append(x)
         for up, block, skip in zip(self.up, self.dec, reversed(skips[:-1]), strict=True):
             x = block(torch.cat([up(x), skip], dim=1))
-        if self.cfg.stem_stride > 1:
+        if self.cfg.stem_stride > 1 and self.cfg.head == "refine":
             x = self.refine(torch.cat([self.head_up(x), inputs], dim=1))
-        return self.classify(x)
+        x = self.classify(x)
+        if self.cfg.stem_stride > 1 and self.cfg.head == "bilinear":  # logits back to full size
+            x = nn.functional.interpolate(x, size=inputs.shape[-2:], mode="bilinear", align_corners=False)
+        return x
 
 
 def build(cfg: Architecture) -> UNet:
     """A new U-Net (seed first: ``torch.manual_seed``)."""
-    return UNet(cfg.in_channels, cfg.num_classes, cfg.width, cfg.depth, cfg.stem_stride, cfg.block)
+    return UNet(cfg.in_channels, cfg.num_classes, cfg.width, cfg.depth, cfg.stem_stride, cfg.block, cfg.head)
 
 
 def weights_to_bytes(net: nn.Module) -> bytes:

@@ -115,7 +115,8 @@ class ModelRecord:
             f"(recipe {self.recipe_hash}), pggeolearn {self.package_version}"
             + (f", {self.created_at:%Y-%m-%d %H:%M}" if self.created_at else ""),
             f"architecture: {a.get('name', 'unet')} width {a.get('width')} depth {a.get('depth')} "
-            f"stem stride {a.get('stem_stride')}, {a.get('in_channels')} band(s) in, "
+            f"stem stride {a.get('stem_stride')}, {a.get('block', 'plain')} levels, {a.get('head', 'refine')} "
+            f"head, {a.get('in_channels')} band(s) in, "
             f"{a.get('num_classes')} classes out; weights {_size(self.weights_size or len(self.weights))}",
             "classes: " + ", ".join(f"{k}={v}" for k, v in sorted(self.classes.items())),
             f"input: EPSG:{self.srid}, {self.resolution:g} units/px, {self.tile_px}px tiles, "

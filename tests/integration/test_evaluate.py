@@ -109,6 +109,19 @@ def test_scores_layer_png_and_run(scene, db_dsn, tmp_path):
         assert "Extent: (9519900.000000, 3202772.000000) - (9520092.000000, 3202900.000000)" in info
 
 
+def test_tta_averages_over_the_views(scene, db_dsn):
+    """Test-time augmentation: a pixel-wise model is unchanged by it (same confusion matrix);
+    the run records it and the report says so."""
+    conn, data, truth = scene
+    model = BrightnessPredictor(tile_px=PX)
+    plain = evaluate(db_dsn, model, dataset="scene", split="test", progress=False)
+    tta = evaluate(db_dsn, model, dataset="scene", split="test", progress=False, tta=True)
+    assert np.array_equal(plain.confusion, tta.confusion) and tta.confusion.sum() == truth.size
+    assert "test-time augmentation" in str(tta) and "test-time augmentation" not in str(plain)
+    (params,) = conn.execute("SELECT params FROM pggeolearn.runs WHERE run_id = %s", [tta.run_id]).fetchone()
+    assert params["tta"] is True
+
+
 def test_refusals(scene, db_dsn):
     conn, _, _ = scene
     evaluate(db_dsn, BrightnessPredictor(tile_px=PX), dataset="scene", out_layer="public.ev", progress=False)
