@@ -137,3 +137,15 @@ def test_ctrl_c_keeps_a_checkpoint_and_resume_finishes(db_dsn, rects):
     with psycopg.connect(db_dsn) as c:
         assert c.execute("SELECT jsonb_array_length(metrics -> 'epochs') FROM pggeolearn.models"
                          " WHERE name = 'c'").fetchone()[0] == done + 1
+
+
+def test_plot_without_matplotlib_is_one_line_before_training(tmp_path):
+    """matplotlib is the optional ``plot`` extra: --plot without it fails at once, in one line
+    that says how to install it (no database is reached, nothing is trained)."""
+    code = ("import sys; sys.modules['matplotlib'] = None; from pggeolearn.cli.main import main; "
+            f"main(['--dsn', 'host=/nowhere', 'train', 'rects', '--model', 'm', '--plot', "
+            f"{str(tmp_path / 'c.png')!r}])")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.splitlines() == [
+        "error: --plot draws with matplotlib, which is not installed: pip install 'pggeolearn[plot]'"]
