@@ -149,3 +149,17 @@ def test_plot_without_matplotlib_is_one_line_before_training(tmp_path):
     assert proc.returncode == 1, proc.stderr
     assert proc.stderr.splitlines() == [
         "error: --plot draws with matplotlib, which is not installed: pip install 'pggeolearn[plot]'"]
+
+
+def test_framework_torch_without_torch_is_one_line(db_dsn, rects):
+    """PyTorch is optional: --framework torch where it does not import (hidden here, so the test
+    runs with or without it) is one line saying how to install it, and writes nothing."""
+    code = ("import sys; sys.modules['torch'] = None; from pggeolearn.cli.main import main; "
+            f"main(['--dsn', {db_dsn!r}, 'train', 'rects', '--model', 'm', '--framework', 'torch', "
+            "'--no-progress'])")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 1, proc.stderr
+    assert len(proc.stderr.splitlines()) == 1, proc.stderr
+    assert proc.stderr.startswith(
+        "error: --framework torch needs PyTorch (pip install 'pggeolearn[torch]')"), proc.stderr
+    assert rects.execute("SELECT count(*) FROM pggeolearn.runs").fetchone()[0] == 0
