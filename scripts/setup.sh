@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install what pggeolearn needs on Debian/Ubuntu, idempotently: PostgreSQL 15 + PostGIS 3 +
-# GDAL tools (apt, when missing and we may), a venv in .venv, and the project with test extras.
+# GDAL tools (apt, when missing and we may), a venv in .venv, and the project with the test and
+# plot extras (matplotlib: train --plot, the demo's curves).
 # Sourced by scripts/demo.sh and scripts/test.sh.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -31,5 +32,5 @@ fi
 # torch: the CPU build, pinned (an open range pulls a multi-GB CUDA build)
 "$VENV/bin/python" -c "import torch" 2>/dev/null || "$VENV/bin/pip" install -q torch==2.13.0
 echo "== installing pggeolearn into $VENV"
-"$VENV/bin/pip" install -q "$ROOT[test]"
+"$VENV/bin/pip" install -q "$ROOT[test,plot]"
 export PATH="$VENV/bin:$PATH"

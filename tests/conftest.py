@@ -8,6 +8,7 @@ PostgreSQL binaries the database tests skip locally and fail under CI=true.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import uuid
 from pathlib import Path
@@ -222,3 +223,14 @@ def scene_recipe(scene):
     return Recipe(name="scene", srid=3857, resolution=scene.resolution, extent=scene.bounds,
                   image_sql=IMAGE_SQL, label_sql=ROAD_BUFFER_SQL,
                   classes={1: "road", 2: "building"})
+
+
+# -- torch is optional ------------------------------------------------------------------------
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``torch`` skip, with the reason, where PyTorch (an optional extra) does not
+    import; tests that only sometimes need it call ``pytest.importorskip("torch")``."""
+    marked = [item for item in items if item.get_closest_marker("torch")]
+    if marked and importlib.util.find_spec("torch") is None:  # found, not imported
+        skip = pytest.mark.skip(reason="PyTorch is not installed (optional: pggeolearn[torch])")
+        for item in marked:
+            item.add_marker(skip)

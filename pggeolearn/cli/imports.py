@@ -1,4 +1,4 @@
-"""``pggeolearn import``: raster files and GeoJSON into PostGIS tables."""
+"""``pggeolearn import``: raster and vector files into PostGIS tables."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ progress_option = click.option(
 
 @click.group(name="import")
 def import_() -> None:
-    """Load raster files and GeoJSON into PostGIS tables."""
+    """Load raster and vector files into PostGIS tables."""
 
 
 @import_.command()
@@ -68,25 +68,28 @@ def raster(ctx: Context, files: tuple[str, ...], table: str, srid: int | None, t
 @srid_option
 @click.option("--geom-column", default="geom", show_default=True, metavar="NAME",
               help="Name of the geometry column.")
+@click.option("--layer", default=None, metavar="NAME",
+              help="The layer to load from a file with several (a GeoPackage).")
 @overwrite_option
 @force_option
 @append_option
 @progress_option
 @pass_ctx
 def vector(ctx: Context, file: str, table: str, srid: int | None, geom_column: str,
-           overwrite: bool, force: bool, append: bool, progress: bool) -> None:
-    """Load a GeoJSON FeatureCollection (or .geojsonl/.ndjson) into a table.
+           layer: str | None, overwrite: bool, force: bool, append: bool, progress: bool) -> None:
+    """Load a vector file GDAL reads into a table (GeoPackage, Shapefile, FlatGeobuf, GeoJSON...).
 
-    Properties become typed columns plus a `properties` jsonb column; invalid geometries
-    are made valid. Coordinates are taken as EPSG:4326 (RFC 7946), or the EPSG code an
-    old-style `crs` member names; --srid transforms them to another SRID.
+    Attribute fields become typed columns plus a `properties` jsonb column; invalid
+    geometries are made valid. The SRID is the layer's CRS (GeoJSON: EPSG:4326); --srid
+    transforms to another SRID, or declares it for a layer without a CRS.
     """
     from pggeolearn.db import connect
     from pggeolearn.importers.vector import import_vector
 
     with connect(ctx.dsn) as conn:
         report = import_vector(conn, file, table, srid=srid, geom_column=geom_column,
-                               overwrite=overwrite, append=append, progress=progress, force=force)
+                               overwrite=overwrite, append=append, progress=progress, force=force,
+                               layer=layer)
     click.echo(str(report))
 
 

@@ -80,6 +80,10 @@ def train(ctx: Context, dataset: str, model_name: str, framework, epochs, batch_
     Ctrl-C stops at once and keeps a resumable checkpoint (pggeolearn.runs)."""
     from pggeolearn.training import train as run_training
 
+    if plot is not None:
+        from pggeolearn.training.plot import require_matplotlib
+
+        require_matplotlib()  # now, not after the training
     report = run_training(
         ctx.dsn, dataset, model_name, framework=framework, epochs=epochs, batch_size=batch_size,
         lr=lr, schedule=schedule, device=device, seed=seed, resume=resume, width=width,

@@ -1,21 +1,27 @@
-"""GeoJSON (a FeatureCollection, or newline-delimited Features) into a PostGIS table.
+"""Any vector file GDAL reads (GeoPackage, Shapefile, FlatGeobuf, GeoJSON, ...) into a PostGIS table.
 
-The table is ``id bigserial primary key``, one typed column per scalar property (bigint,
-double precision, boolean or text, inferred across all features), ``properties jsonb`` with
-every feature's original properties (nothing is lost to renaming or typing), and the geometry
-column with a type modifier such as ``geometry(MultiPolygon, 4326)``. Geometries are parsed
-with shapely; invalid ones are repaired with ``make_valid`` (and counted); Polygon mixed with
-MultiPolygon (likewise points, lines) is promoted to the Multi type. Coordinates are in
-EPSG:4326 (RFC 7946) unless an old-style ``crs`` member names another EPSG code; with ``srid``
-PostGIS transforms them (``ST_Transform``). Loaded with binary COPY, then a GiST index and
-ANALYZE, all in one transaction.
+Files are read with pyogrio (GDAL, bundled in its wheel): one layer, ``layer`` naming it when
+the file has several. The table is ``id bigserial primary key``, ``feature_id bigint`` (the
+source's feature id, GDAL's FID: a GeoPackage's fid, a GeoJSON Feature's integer ``id``, else
+the feature's position), one typed column per attribute field (bigint, double precision,
+boolean or text), ``properties jsonb`` with every feature's attributes under their original
+field names (nothing is lost to renaming or typing), and the geometry column with a type
+modifier such as ``geometry(MultiPolygon, 4326)``. Invalid geometries are repaired with
+``make_valid`` (and counted); Polygon mixed with MultiPolygon (likewise points, lines) is
+promoted to the Multi type; Z is kept (2D features get Z 0), M is dropped, curves become their
+linear approximations. The SRID is the layer's CRS as an EPSG code (a GeoJSON without a
+``crs`` member is EPSG:4326); with ``srid`` PostGIS transforms the geometries
+(``ST_Transform``), and a layer without a CRS is declared to be in ``srid``. Loaded with binary
+COPY, then a GiST index and ANALYZE, all in one transaction.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
 import time
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,9 +29,11 @@ from typing import Any
 
 import numpy as np
 import psycopg
+import pyogrio
+import pyogrio.errors
+import pyogrio.raw
 import shapely
 from psycopg import sql
-from shapely.geometry import shape
 from tqdm import tqdm
 
 from pggeolearn import errors
@@ -36,9 +44,8 @@ from pggeolearn.resources import sql_text
 
 __all__ = ["VectorImportReport", "import_vector"]
 
-LINE_SUFFIXES = (".geojsonl", ".geojsons", ".ndjson", ".jsonl")
-GEOJSON_TYPES = ("Point", "MultiPoint", "LineString", "MultiLineString", "Polygon",
-                 "MultiPolygon", "GeometryCollection")
+GEOMETRY_TYPES = ("Point", "MultiPoint", "LineString", "MultiLineString", "Polygon",
+                  "MultiPolygon", "GeometryCollection")
 # shapely type id -> (family, PostGIS type name); families promote to their Multi type
 _TYPE = {0: ("point", "Point"), 4: ("point", "MultiPoint"),
          1: ("line", "LineString"), 5: ("line", "MultiLineString"),
@@ -48,11 +55,10 @@ _MULTI = {"point": ("MultiPoint", shapely.MultiPoint),
           "line": ("MultiLineString", shapely.MultiLineString),
           "polygon": ("MultiPolygon", shapely.MultiPolygon)}  # fmt: skip
 _DIMENSION = {"point": 0, "line": 1, "polygon": 2}
-_NAMES = {n.upper(): n for n in (*GEOJSON_TYPES, "Geometry")}
+_NAMES = {n.upper(): n for n in (*GEOMETRY_TYPES, "Geometry")}
 _FAMILY_OF_MULTI = {"MULTIPOINT": "point", "MULTILINESTRING": "line", "MULTIPOLYGON": "polygon"}
 # inferred SQL type -> psycopg's name for binary COPY
 _COPY_TYPE = {"bigint": "int8", "double precision": "float8", "boolean": "bool", "text": "text"}
-_INT64 = (-(2**63), 2**63 - 1)
 _RESERVED = ("id", "properties")
 _STAGE = "pggeolearn_import_stage"
 
@@ -91,97 +97,97 @@ class VectorImportReport:
 
 @dataclass
 class _Column:
-    key: str  # property key ('' for the Feature's own "id" member)
+    key: str  # the source's field name ('' for feature_id, the FID)
     name: str  # sanitized column name
     type: str  # bigint | double precision | boolean | text
 
 
 # -- reading ------------------------------------------------------------------------------
-def _not_geojson(path: Path, why: str) -> errors.ConfigError:
-    return errors.ConfigError(f"{path}: not GeoJSON ({why})")
+@dataclass
+class _Field:
+    key: str  # the source's field name
+    ogr_type: str  # OFTInteger, OFTString, ...
+    subtype: str  # OFSTBoolean, OFSTJSON, ...
+    values: np.ndarray
 
 
-def _as_features(path: Path, obj: Any, where: str) -> list[dict]:
-    kind = obj.get("type") if isinstance(obj, dict) else None
-    if kind == "FeatureCollection":
-        feats = obj.get("features")
-        if not isinstance(feats, list):
-            raise _not_geojson(path, f"{where}FeatureCollection without a features array")
-        return feats
-    if kind == "Feature":
-        return [obj]
-    if kind in GEOJSON_TYPES:
-        return [{"type": "Feature", "geometry": obj, "properties": None}]
-    raise _not_geojson(path, f"{where}type is {kind!r}, expected FeatureCollection or Feature")
+@dataclass
+class _Layer:
+    srid: int | None  # None: the layer declares no CRS
+    fids: np.ndarray
+    geoms: np.ndarray  # shapely geometries, None where a feature has none
+    fields: list[_Field]
 
 
-def _lines(path: Path, text: str) -> list[dict]:
-    feats: list[dict] = []
-    for n, line in enumerate(text.splitlines(), 1):
-        line = line.strip().lstrip("\x1e")  # RFC 8142 record separators
-        if not line:
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise _not_geojson(path, f"line {n}: {exc.msg}") from exc
-        feats.extend(_as_features(path, obj, f"line {n}: "))
-    return feats
+def _unreadable(path: Path, exc: Exception) -> errors.ConfigError:
+    return errors.ConfigError(f"{path}: not a vector file GDAL reads ({str(exc).splitlines()[0]})")
 
 
-def _crs_srid(path: Path, crs: Any) -> int:
-    """SRID named by a GeoJSON 2008 ``crs`` member (RFC 7946 dropped it: EPSG:4326)."""
-    if crs is None:
+def _layer_name(path: Path, layer: str | None) -> str:
+    try:
+        names = [str(n) for n, _ in pyogrio.list_layers(path)]
+    except pyogrio.errors.DataSourceError as exc:
+        raise _unreadable(path, exc) from exc
+    if not names:
+        raise errors.ConfigError(f"{path}: no vector layers")
+    if layer is None:
+        if len(names) > 1:
+            raise errors.ConfigError(f"{path} has {len(names)} layers ({', '.join(names)}): "
+                                     "choose one with --layer")
+        return names[0]
+    if layer not in names:
+        raise errors.ConfigError(f"{path} has no layer {layer!r} (it has {', '.join(names)})")
+    return layer
+
+
+def _srid(path: Path, crs: str | None) -> int | None:
+    """The EPSG code of a layer's CRS as pyogrio reports it (``EPSG:n`` or WKT)."""
+    if not crs:
+        return None
+    m = re.fullmatch(r"EPSG:(\d+)", crs.strip())
+    if m:
+        return int(m.group(1))
+    if crs.strip().upper() in ("OGC:CRS84", "CRS84"):
         return 4326
-    name = crs.get("properties", {}).get("name", "") if isinstance(crs, dict) else ""
-    if isinstance(name, str) and name.upper().endswith("CRS84"):
-        return 4326
-    m = re.search(r"EPSG:(?:[\d.]*:)?(\d+)$", name if isinstance(name, str) else "", re.I)
-    if not m:
-        raise errors.ConfigError(f"{path}: unsupported crs member {crs!r}; reproject to EPSG:4326")
-    return int(m.group(1))
+    from rasterio.crs import CRS  # only for a CRS GDAL did not name an EPSG code for
+    from rasterio.errors import CRSError
+
+    try:
+        epsg = CRS.from_user_input(crs).to_epsg()
+    except CRSError:
+        epsg = None
+    if epsg:
+        return int(epsg)
+    named = re.search(r'"([^"]+)"', crs)
+    raise errors.ConfigError(
+        f"{path}: its CRS ({named.group(1) if named else crs[:60]}) has no EPSG code; "
+        "reproject it first, e.g. ogr2ogr -t_srs EPSG:4326")
 
 
-def read_geojson(path: str | Path) -> tuple[list[dict], int]:
-    """The features of a GeoJSON or newline-delimited GeoJSON file, and their SRID."""
+def read_layer(path: str | Path, layer: str | None = None) -> _Layer:
+    """One layer of a vector file, read with pyogrio: FIDs, geometries, attribute fields, SRID."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise errors.NotFound(f"no such file: {path}")
-    try:
-        text = path.read_bytes().decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise _not_geojson(path, f"not UTF-8 text: {exc.reason}") from exc
-    if path.suffix.lower() in LINE_SUFFIXES:
-        return _lines(path, text), 4326
-    try:
-        doc = json.loads(text)
-    except json.JSONDecodeError as exc:
-        if exc.msg == "Extra data":  # newline-delimited under a .geojson/.json name
-            return _lines(path, text), 4326
-        raise _not_geojson(path, f"{exc.msg} at line {exc.lineno}") from exc
-    feats = _as_features(path, doc, "")
-    return feats, _crs_srid(path, doc.get("crs"))
-
-
-def _geometries(path: Path, feats: Sequence[dict]) -> np.ndarray:
-    out = np.empty(len(feats), dtype=object)
-    for i, f in enumerate(feats):
-        if not isinstance(f, dict) or f.get("type") != "Feature":
-            raise _not_geojson(path, f"feature {i} is not a Feature object")
-        g = f.get("geometry")
-        if g is None:
-            continue
-        kind = g.get("type") if isinstance(g, dict) else None
-        if kind not in GEOJSON_TYPES:
-            raise errors.ConfigError(f"{path}: feature {i}: unknown geometry type {kind!r}")
+    name = _layer_name(path, layer)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         try:
-            out[i] = shape(g)
-        except (shapely.errors.ShapelyError, ValueError, TypeError, KeyError, IndexError,
-                AttributeError) as exc:
-            raise errors.ConfigError(
-                f"{path}: feature {i}: bad {kind} coordinates ({exc or type(exc).__name__})"
-            ) from exc
-    return out
+            meta, fids, wkb, data = pyogrio.raw.read(path, layer=name, return_fids=True,
+                                                     datetime_as_string=True)
+        except (pyogrio.errors.DataSourceError, pyogrio.errors.DataLayerError) as exc:
+            raise _unreadable(path, exc) from exc
+    for w in caught:
+        text = str(w.message)
+        if "Unsupported geometry type" in text:  # GDAL would load such a feature without geometry
+            raise errors.ConfigError(f"{path}: a feature has a geometry type GDAL does not read")
+        if "Measured (M)" not in text:  # M is dropped by design (see the module docstring)
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    fields = [_Field(str(k), t, s, v) for k, t, s, v in
+              zip(meta["fields"], meta["ogr_types"], meta["ogr_subtypes"], data, strict=True)]
+    geoms = (shapely.from_wkb(wkb) if wkb is not None
+             else np.full(len(fids), None, dtype=object))
+    return _Layer(_srid(path, meta["crs"]), fids, np.asarray(geoms, dtype=object), fields)
 
 
 # -- geometry cleanup -----------------------------------------------------------------------
@@ -228,31 +234,44 @@ def _promote(geoms: np.ndarray, family: str) -> None:
             geoms[i] = cls([g]) if not g.is_empty else shapely.from_wkt(f"{name.upper()} EMPTY")
 
 
-# -- properties ------------------------------------------------------------------------------
-def _kind(v: Any) -> str | None:
-    if v is None:
-        return None
-    if isinstance(v, bool):
-        return "boolean"
-    if isinstance(v, int):
-        return "bigint" if _INT64[0] <= v <= _INT64[1] else "text"
-    if isinstance(v, float):
-        return "double precision"
-    if isinstance(v, str):
-        return "text"
-    return "json"
+# -- attributes -------------------------------------------------------------------------------
+_SQL_TYPE = {"OFTInteger": "bigint", "OFTInteger64": "bigint", "OFTReal": "double precision",
+             "OFTString": "text", "OFTDate": "text", "OFTTime": "text", "OFTDateTime": "text"}
 
 
-def _merge(kinds: set[str]) -> str | None:
-    if kinds == {"json"}:
-        return None  # only objects/arrays: they live in the properties column alone
-    if kinds <= {"bigint"} and kinds:
-        return "bigint"
-    if kinds and kinds <= {"bigint", "double precision"}:
-        return "double precision"
-    if kinds == {"boolean"}:
+def _loads(s: str) -> Any:
+    try:
+        return json.loads(s)
+    except ValueError:
+        return s  # GDAL writes the strings of a mixed-type field unquoted
+
+
+def _json_values(f: _Field) -> list[Any]:
+    """The field's values as JSON: None for null, lists for list fields, parsed JSON."""
+    v = f.values
+    if v.dtype.kind == "f":  # integer and boolean fields with nulls come as floats with NaN
+        out = [None if math.isnan(x) else x for x in v.tolist()]
+        if f.ogr_type in ("OFTInteger", "OFTInteger64"):
+            out = [x if x is None else (bool(x) if f.subtype == "OFSTBoolean" else int(x))
+                   for x in out]
+        return out
+    if v.dtype.kind in "biu":
+        return v.tolist()
+    if f.ogr_type.endswith("List"):
+        return [None if x is None else np.asarray(x).tolist() for x in v]
+    if f.subtype == "OFSTJSON":
+        return [None if x is None else _loads(x) for x in v]
+    return [None if x is None else str(x) for x in v]
+
+
+def _sql_type(f: _Field, jv: Sequence[Any]) -> str | None:
+    """The typed column for a field, or None: it lives in the properties column alone."""
+    if f.subtype == "OFSTBoolean":
         return "boolean"
-    return "text"
+    if f.subtype == "OFSTJSON" and all(x is None or isinstance(x, (dict, list)) for x in jv) \
+            and any(x is not None for x in jv):
+        return None  # only objects/arrays
+    return _SQL_TYPE.get(f.ogr_type)  # lists and binary fields: none
 
 
 def sanitize(key: str) -> str:
@@ -274,40 +293,11 @@ def _unique(base: str, used: set[str]) -> str:
     return name
 
 
-def _columns(feats: Sequence[dict], geom_column: str) -> list[_Column]:
-    kinds: dict[str, set[str]] = {}
-    fid_kinds: set[str] = set()
-    has_fid = False
-    for f in feats:
-        if "id" in f:
-            has_fid = True
-            k = _kind(f["id"])
-            if k:
-                fid_kinds.add(k)
-        props = f.get("properties")
-        if not isinstance(props, dict):
-            continue
-        for key, v in props.items():
-            k = _kind(v)
-            kinds.setdefault(key, set())
-            if k:
-                kinds[key].add(k)
-    used = {*_RESERVED, geom_column}
-    cols = []
-    if has_fid:
-        cols.append(_Column("", _unique("feature_id", used), _merge(fid_kinds) or "text"))
-    for key, ks in kinds.items():
-        t = _merge(ks)
-        if t is not None:
-            cols.append(_Column(key, _unique(sanitize(key), used), t))
-    return cols
-
-
-def _value(v: Any, sqltype: str) -> Any:
+def _typed(v: Any, raw: Any, sqltype: str, is_json: bool) -> Any:
     if v is None:
         return None
     if sqltype == "text":
-        return v if isinstance(v, str) else json.dumps(v, ensure_ascii=False)
+        return raw if is_json else str(v)  # a JSON field's text as GDAL gives it
     if sqltype == "double precision":
         return float(v)
     if sqltype == "bigint":
@@ -315,13 +305,31 @@ def _value(v: Any, sqltype: str) -> Any:
     return bool(v)
 
 
-def _rows(feats: Sequence[dict], cols: Sequence[_Column], ewkb: Sequence[bytes | None]
+def _attributes(layer: _Layer, geom_column: str) -> tuple[list[_Column], list[list[Any]], list[dict]]:
+    """The typed columns (feature_id first), their values column by column, the properties."""
+    used = {*_RESERVED, geom_column}
+    cols = [_Column("", _unique("feature_id", used), "bigint")]
+    values: list[list[Any]] = [[int(x) for x in layer.fids]]
+    keys, jsons = [], []
+    for f in layer.fields:
+        jv = _json_values(f)
+        keys.append(f.key)
+        jsons.append(jv)
+        t = _sql_type(f, jv)
+        if t is None:
+            continue
+        cols.append(_Column(f.key, _unique(sanitize(f.key), used), t))
+        is_json = f.subtype == "OFSTJSON"
+        values.append([_typed(v, r, t, is_json) for v, r in zip(jv, f.values, strict=True)])
+    props = [dict(zip(keys, row, strict=True)) for row in zip(*jsons, strict=True)] if jsons \
+        else [{} for _ in layer.fids]
+    return cols, values, props
+
+
+def _rows(values: Sequence[Sequence[Any]], props: Sequence[dict], ewkb: Sequence[bytes | None]
           ) -> Iterable[tuple]:
-    for f, g in zip(feats, ewkb, strict=True):
-        props = f.get("properties")
-        pd = props if isinstance(props, dict) else {}
-        vals = [_value(f.get("id") if c.key == "" else pd.get(c.key), c.type) for c in cols]
-        yield (*vals, props, g)
+    for *vals, p, g in zip(*values, props, ewkb, strict=True):
+        yield (*vals, p, g)
 
 
 # -- database ------------------------------------------------------------------------------
@@ -365,13 +373,15 @@ def import_vector(
     append: bool = False,
     progress: bool = True,
     force: bool = False,
+    layer: str | None = None,
 ) -> VectorImportReport:
-    """Load a GeoJSON file into ``table`` (see the module docstring for the table's shape).
+    """Load one layer of a vector file into ``table`` (the module docstring says how).
 
-    ``srid`` transforms the geometries in PostGIS and declares that SRID; ``overwrite``
-    replaces an existing table; ``append`` adds rows to it (missing property columns are
-    added, the geometry must fit its column). Runs in one transaction (a savepoint when the
-    caller has one open).
+    ``layer`` names the layer of a file that has several (a GeoPackage); ``srid`` transforms
+    the geometries in PostGIS and declares that SRID (a layer without a CRS is taken to be in
+    it); ``overwrite`` replaces an existing table; ``append`` adds rows to it (missing
+    attribute columns are added, the geometry must fit its column). Runs in one transaction
+    (a savepoint when the caller has one open).
     """
     started = time.perf_counter()
     _common.check_mode(overwrite, append)
@@ -379,10 +389,10 @@ def import_vector(
         raise errors.ConfigError(f"geometry column cannot be named {geom_column!r}")
     schema, name, ident, display = _common.target(table)
     path = Path(path)
-    feats, src_srid = read_geojson(path)
-    if not feats:
+    data = read_layer(path, layer)
+    if not len(data.fids):
         raise errors.ConfigError(f"{path}: no features")
-    geoms = _geometries(path, feats)
+    geoms = data.geoms
     made_valid = _make_valid(geoms)
     gtype, family = _column_type(geoms)
     if family:
@@ -390,19 +400,25 @@ def import_vector(
     has_z = bool(shapely.has_z(geoms[~shapely.is_missing(geoms)]).any())
     if has_z:
         geoms[:] = shapely.force_3d(geoms)
-    cols = _columns(feats, geom_column)
+    cols, values, props = _attributes(data, geom_column)
     nulls = int(shapely.is_missing(geoms).sum())
 
     with db_errors(f"import into {display}"), conn.transaction():
         appending = _common.prepare_target(conn, schema, name, ident, display,
                                            overwrite=overwrite, append=append, force=force)
-        out_srid = srid or src_srid
+        src_srid = data.srid or srid
         if appending:
             existing, ttype, tsrid, dim = _existing(conn, schema, name, display, geom_column)
             if tsrid:
                 if srid is not None and srid != tsrid:
                     raise errors.SridMismatch(f"table {display} has SRID {tsrid}, not {srid}")
-                out_srid = tsrid
+                src_srid = src_srid or tsrid
+                srid = tsrid
+        if src_srid is None:
+            raise errors.ConfigError(f"{path}: the layer has no CRS; pass --srid N to declare the "
+                                     "EPSG code of its coordinates")
+        out_srid = srid or src_srid
+        if appending:
             _fit_existing(geoms, gtype, ttype, dim, display)
             gtype = _NAMES.get(ttype.upper(), ttype) + ("Z" if dim == 3 else "")
         _common.check_srid(conn, src_srid)
@@ -434,10 +450,10 @@ def import_vector(
         copy = sql.SQL("COPY {} ({}) FROM STDIN (FORMAT BINARY)").format(
             stage if staged else ident, col_list)
         with conn.cursor() as cur, cur.copy(copy) as cp, tqdm(
-                total=len(feats), unit="feature", desc=f"import {display}",
+                total=len(props), unit="feature", desc=f"import {display}",
                 disable=not progress, leave=False) as bar:
             cp.set_types([_COPY_TYPE[c.type] for c in cols] + ["jsonb", "bytea"])
-            for row in _rows(feats, cols, ewkb):
+            for row in _rows(values, props, ewkb):
                 cp.write_row(row)
                 bar.update(1)
         if staged:
@@ -454,9 +470,10 @@ def import_vector(
         security.grant_quietly(conn, schema, name)  # recipe SQL may read what pggeolearn imported
 
     return VectorImportReport(
-        table=display, file=path.name, features=len(feats), made_valid=made_valid,
-        null_geometries=nulls, geometry_type=gtype + ("Z" if has_z and not appending else ""),
-        srid=out_srid, columns={c.name: c.type for c in cols},
+        table=display, file=path.name + (f" (layer {layer})" if layer else ""),
+        features=len(props), made_valid=made_valid, null_geometries=nulls,
+        geometry_type=gtype + ("Z" if has_z and not appending else ""), srid=out_srid,
+        columns={c.name: c.type for c in cols if c.key},
         transformed_from=src_srid if out_srid != src_srid else None, appended=appending,
         seconds=time.perf_counter() - started,
     )

@@ -90,3 +90,46 @@ def test_errors_print_one_line(db_dsn, conn, tif, geojson, tmp_path):
     result = CliRunner().invoke(cli, ["--dsn", db_dsn, "import", "vector",
                                       str(tmp_path / "missing.geojson"), "--table", "y"])
     assert isinstance(result.exception, errors.NotFound)
+
+
+def test_vector_formats_layers_and_srid_errors(db_dsn, conn, tmp_path):
+    """A two-layer GeoPackage and a Shapefile through the CLI; every failure is one line."""
+    import pyogrio.raw
+    import shapely
+
+    gpkg = tmp_path / "osm.gpkg"
+    for name, geom in (("buildings", shapely.box(85.52, 27.63, 85.521, 27.631)),
+                       ("wells", shapely.Point(85.52, 27.63))):
+        pyogrio.raw.write(gpkg, np.array([shapely.to_wkb(geom)], dtype=object),
+                          [np.array(["x"], dtype=object)], ["name"], layer=name, crs="EPSG:4326",
+                          geometry_type=geom.geom_type, append=gpkg.exists())
+    proc = run("--dsn", db_dsn, "import", "vector", str(gpkg), "--table", "b")
+    assert proc.returncode == 1
+    assert proc.stderr.splitlines() == [
+        f"error: {gpkg} has 2 layers (buildings, wells): choose one with --layer"]
+    proc = run("--dsn", db_dsn, "import", "vector", str(gpkg), "--layer", "wells", "--table", "w",
+               "--srid", "123456", "--no-progress")
+    assert proc.returncode == 1
+    assert proc.stderr.splitlines() == ["error: SRID 123456 is not in spatial_ref_sys of this database"]
+
+    result = CliRunner().invoke(cli, ["--dsn", db_dsn, "import", "vector", str(gpkg), "--layer",
+                                      "buildings", "--table", "b", "--srid", "3857",
+                                      "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert "imported 1 features from osm.gpkg (layer buildings) into public.b" in result.output
+    assert "geometry(Polygon, 3857) (transformed from SRID 4326)" in result.output
+
+    shp = tmp_path / "wells.shp"
+    with pytest.warns(UserWarning, match="'crs' was not provided"):  # no .prj, on purpose
+        pyogrio.raw.write(shp, np.array([shapely.to_wkb(shapely.Point(350000, 3057000))],
+                                        dtype=object),
+                          [np.array([3], dtype=np.int32)], ["depth"], geometry_type="Point")
+    proc = run("--dsn", db_dsn, "import", "vector", str(shp), "--table", "w")
+    assert proc.returncode == 1
+    assert proc.stderr.splitlines() == [
+        f"error: {shp}: the layer has no CRS; pass --srid N to declare the EPSG code of its "
+        "coordinates"]
+    proc = run("--dsn", db_dsn, "import", "vector", str(shp), "--table", "w", "--srid", "32645",
+               "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    assert conn.execute("SELECT depth, ST_SRID(geom) FROM w").fetchone() == (3, 32645)

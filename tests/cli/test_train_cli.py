@@ -137,3 +137,29 @@ def test_ctrl_c_keeps_a_checkpoint_and_resume_finishes(db_dsn, rects):
     with psycopg.connect(db_dsn) as c:
         assert c.execute("SELECT jsonb_array_length(metrics -> 'epochs') FROM pggeolearn.models"
                          " WHERE name = 'c'").fetchone()[0] == done + 1
+
+
+def test_plot_without_matplotlib_is_one_line_before_training(tmp_path):
+    """matplotlib is the optional ``plot`` extra: --plot without it fails at once, in one line
+    that says how to install it (no database is reached, nothing is trained)."""
+    code = ("import sys; sys.modules['matplotlib'] = None; from pggeolearn.cli.main import main; "
+            f"main(['--dsn', 'host=/nowhere', 'train', 'rects', '--model', 'm', '--plot', "
+            f"{str(tmp_path / 'c.png')!r}])")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.splitlines() == [
+        "error: --plot draws with matplotlib, which is not installed: pip install 'pggeolearn[plot]'"]
+
+
+def test_framework_torch_without_torch_is_one_line(db_dsn, rects):
+    """PyTorch is optional: --framework torch where it does not import (hidden here, so the test
+    runs with or without it) is one line saying how to install it, and writes nothing."""
+    code = ("import sys; sys.modules['torch'] = None; from pggeolearn.cli.main import main; "
+            f"main(['--dsn', {db_dsn!r}, 'train', 'rects', '--model', 'm', '--framework', 'torch', "
+            "'--no-progress'])")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 1, proc.stderr
+    assert len(proc.stderr.splitlines()) == 1, proc.stderr
+    assert proc.stderr.startswith(
+        "error: --framework torch needs PyTorch (pip install 'pggeolearn[torch]')"), proc.stderr
+    assert rects.execute("SELECT count(*) FROM pggeolearn.runs").fetchone()[0] == 0

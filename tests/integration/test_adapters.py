@@ -201,6 +201,7 @@ def test_geoiter_from_sql_materialize_builds_chips(chips_dsn, conn):
 # ------------------------------------------------------------------------- PyTorch
 
 
+@pytest.mark.torch
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_torch_loader_exactly_once_over_ranks_and_workers(tiny, num_workers):
     import torch
@@ -225,6 +226,7 @@ def test_torch_loader_exactly_once_over_ranks_and_workers(tiny, num_workers):
         assert per_epoch[0] != per_epoch[1]  # the loader moved the workers to the next epoch
 
 
+@pytest.mark.torch
 def test_torch_per_sample_with_collation(tiny):
     import torch
 
@@ -241,6 +243,7 @@ def test_torch_per_sample_with_collation(tiny):
     assert sorted(got) == list(range(N_TRAIN))
 
 
+@pytest.mark.torch
 def test_torch_dataset_is_picklable_and_opens_nothing_early(tiny, conn):
     import torch
 
@@ -263,6 +266,7 @@ def test_torch_dataset_is_picklable_and_opens_nothing_early(tiny, conn):
         GeoDataset(dsn, ds.name, rank=1)
 
 
+@pytest.mark.torch
 def test_adapters_import_only_their_framework():
     code = ("import sys, pggeolearn.torch; print('mxnet' in sys.modules); "
             "import pggeolearn.stream, pggeolearn.cli.main; print('torch' in sys.modules)")

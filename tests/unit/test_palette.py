@@ -27,6 +27,25 @@ def test_training_curves_draw_class_iou_in_class_colours(tmp_path):
 
     history = [{"train_loss": 1.0 - e / 10, "val": {"loss": 1.1 - e / 10, "miou": e / 10,
                                                      "iou": [0.9, e / 10, e / 20]}} for e in range(1, 6)]
-    path = plot.plot_history(history, tmp_path / "c.png", classes={0: "background", 1: "road", 2: "building"})
-    colours = {c for _, c in Image.open(path).convert("RGB").getcolors(1 << 20)}
+    path = plot.plot_history(history, tmp_path / "c.png", classes={0: "background", 1: "road", 2: "building"},
+                             baselines={"all background": {"miou": 0.3}}, title="m on d", best_epoch=4)
+    with Image.open(path) as im:
+        assert im.format == "PNG" and im.size == plot.SIZE == (1120, 428)
+        colours = {c for _, c in im.convert("RGB").getcolors(1 << 20)}
+    assert len(colours) > 50  # lines, text and anti-aliasing, not a blank canvas
     assert palette.class_colour(1) in colours and palette.class_colour(2) in colours
+    assert palette.LINE_RGB[0] in colours and palette.LINE_RGB[1] in colours  # train, val loss
+
+
+def test_training_curves_without_matplotlib_say_how_to_install(tmp_path, monkeypatch):
+    import sys
+
+    import pytest
+
+    from pggeolearn import errors
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    history = [{"train_loss": 1.0, "val": {"loss": 1.0, "miou": 0.5, "iou": [0.5, 0.5]}}]
+    with pytest.raises(errors.MissingDependency, match=r"pip install 'pggeolearn\[plot\]'"):
+        plot.plot_history(history, tmp_path / "c.png", classes={0: "background", 1: "road"})
+    assert not (tmp_path / "c.png").exists()
