@@ -215,6 +215,7 @@ def evaluate(dsn_or_conn: psycopg.Connection | str | None, model: str | Predicto
         p = load_model(control, model, device=device)
         model_name = model if isinstance(model, str) else str(p.name)
         ds = datasets.get(control, dataset)
+        dataset = ds.name  # "NAME@N" of the current version N is NAME
         r = ds.recipe
         notes: list[str] = []
         if int(p.tile_px) != r.tile_px:
