@@ -51,6 +51,8 @@ datasets = Table(
     Column("recipe_hash", Text, nullable=False),
     Column("stats", JSONB),
     Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    # 0005: the version this row holds; an old version's row is named "NAME@N"
+    Column("version", Integer, nullable=False),
     CheckConstraint("resolution > 0", name="datasets_resolution_positive"),
     CheckConstraint("tile_px BETWEEN 8 AND 4096", name="datasets_tile_px_range"),
     CheckConstraint("overlap_px >= 0 AND overlap_px < tile_px", name="datasets_overlap_range"),
@@ -72,6 +74,7 @@ chips = Table(
     Column("band_stats", ARRAY(Double)),  # per band [count, mean, std, min, max], NODATA out
     Column("recipe_hash", Text, nullable=False),
     Column("built_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Column("dataset_version", Integer),  # 0005: the dataset version the chip was built for
 )
 Index("chips_geom_idx", chips.c.geom, postgresql_using="gist")
 
@@ -95,6 +98,7 @@ models = Table(
     Column("best_epoch", Integer),
     Column("package_version", Text, nullable=False),
     Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Column("dataset_version", Integer),  # 0005: the version of `dataset` it was trained on
 )
 
 runs = Table(
@@ -113,6 +117,8 @@ runs = Table(
     Column("finished_at", DateTime(timezone=True)),
     Column("checkpoint", LargeBinary),  # 0002: resumable state of a training run
     Column("heartbeat_at", DateTime(timezone=True)),  # 0003: the run's process was alive then
+    Column("dataset_version", Integer),  # 0005: the version of the dataset it read (else the model's)
+    Column("recipe_hash", Text),  # 0005: that version's recipe hash
     CheckConstraint("status IN ('running', 'done', 'failed')", name="runs_status_valid"),
 )
 # 0003: a running training run reserves its model name (pggeolearn.runs is written by runs.py only)
@@ -156,6 +162,18 @@ chip_scores = Table(  # 0004: evaluate's per-chip scores, for sampling queries (
     Column("scored_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
 )
 Index("chip_scores_model_idx", chip_scores.c.model, chip_scores.c.dataset, chip_scores.c.tile_id)
+
+dataset_versions = Table(  # 0005: every recipe a dataset has had (kept after a drop: lineage)
+    "dataset_versions",
+    metadata,
+    Column("dataset", Text, primary_key=True),
+    Column("version", Integer, primary_key=True),
+    Column("recipe_hash", Text, nullable=False),
+    Column("recipe", JSONB, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Column("dropped_at", DateTime(timezone=True)),
+    CheckConstraint("version >= 1", name="dataset_versions_version_positive"),
+)
 
 qgis_projects = Table(  # 0004: QGIS's own project table (Browser > PostgreSQL lists it)
     "qgis_projects",

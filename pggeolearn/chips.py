@@ -186,7 +186,7 @@ class _Worker:
         except BaseException:
             self.conn.close()
             raise
-        self.base = {"dataset": ds.name, "recipe_hash": ds.recipe_hash,
+        self.base = {"dataset": ds.name, "recipe_hash": ds.recipe_hash, "dataset_version": ds.version,
                      "max_class": max(ds.recipe.classes), "keep_split": keep_splits,
                      "max_nodata": MAX_NODATA_FRAC}
 
@@ -309,6 +309,7 @@ def build(conn_or_dsn: psycopg.Connection | str | None, dataset: str, *, jobs: i
     started = time.perf_counter()
     with connect(dsn, autocommit=True, application_name="pggeolearn chips build") as control:
         ds = datasets.get(control, dataset)
+        dataset = ds.name  # "NAME@N" of the current version N is NAME
         with db_errors("chips build lock"):
             locked = control.execute(
                 "SELECT pg_try_advisory_lock(hashtextextended('pggeolearn chips ' || %s, 0))",
@@ -499,6 +500,7 @@ def refresh_stats(conn: psycopg.Connection, dataset: str, *,
     ``splits_kept``: no chip moved between train/val/test since the last computation (a
     refresh only excludes chips), so the stored leakage still holds."""
     ds = datasets.get(conn, dataset)
+    dataset = ds.name  # "NAME@N" of the current version N is NAME
     old = ds.stats or {}
     base = {"dataset": dataset, "recipe_hash": ds.recipe_hash, "max_nodata": MAX_NODATA_FRAC}
     with db_errors(f"statistics of {dataset}"):
@@ -637,6 +639,7 @@ def show(conn: psycopg.Connection, dataset: str, out: str | Path, *, n: int = 16
     if split is not None and split not in (*SPLITS, EXCLUDED):
         raise errors.ConfigError(f"unknown split {split!r} (train, val, test, excluded)")
     ds = datasets.get(conn, dataset)
+    dataset = ds.name  # "NAME@N" of the current version N is NAME
     with db_errors(f"chips of {dataset}"):
         rows = conn.execute(sql_text("chips_sample"),
                             {"dataset": dataset, "split": split, "seed": seed, "n": n},
@@ -726,6 +729,7 @@ def map_view(conn: psycopg.Connection, dataset: str) -> MapView:
     tile_id, split, nodata_frac, orphan, current, one ``frac_<class>`` column per class
     (background included) and ``geom`` typed ``geometry(Polygon, srid)`` for QGIS."""
     ds = datasets.get(conn, dataset)
+    dataset = ds.name  # "NAME@N" of the current version N is NAME
     name = _view_name(dataset)
     # the view is made by pggeolearn.chips_map_create (SECURITY DEFINER): no CREATE on schema
     # pggeolearn for maintainers; its columns follow the rule of the function's comment

@@ -162,10 +162,27 @@ class Dataset:
     label_columns: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     stats: dict[str, Any] | None = None
+    version: int = 1
 
     @property
     def name(self) -> str:
+        """The catalog row's name: ``NAME`` for the current version, ``NAME@N`` for an old one
+        (the chips of version N are stored under that name)."""
         return self.recipe.name
+
+    @property
+    def base(self) -> str:
+        """The dataset's name, without a version."""
+        return self.name.split("@", 1)[0]
+
+    @property
+    def ref(self) -> str:
+        """``NAME@N``: this version, whatever versions come later."""
+        return f"{self.base}@{self.version}"
+
+    @property
+    def is_current(self) -> bool:
+        return self.name == self.base
 
     @property
     def n_tiles(self) -> int:
@@ -175,7 +192,8 @@ class Dataset:
         r = self.recipe
         minx, miny, maxx, maxy = r.extent
         lines = [
-            f"dataset {r.name} (recipe {self.recipe_hash})",
+            f"dataset {self.base} version {self.version} (recipe {self.recipe_hash})"
+            + ("" if self.is_current else f": an old version, its chips stored as {self.name}"),
             f"grid: EPSG:{r.srid}, {r.resolution:g} units/px, {r.tile_px}px tiles"
             + (f", overlap {r.overlap_px}px" if r.overlap_px else "")
             + f", {self.ncols} x {self.nrows} = {self.n_tiles} tiles",
@@ -351,9 +369,13 @@ def _tile_at(recipe: Recipe, point_wkt: str | None) -> int | None:
     return row * ncols + col if 0 <= col < ncols and 0 <= row < nrows else None
 
 
-def create(conn: psycopg.Connection, recipe: Recipe, *, overwrite: bool = False,
-           sample_tile: int | None = None) -> Dataset:
-    """Validate and store a recipe. Nothing is written unless every check passes."""
+def create(conn: psycopg.Connection, recipe: Recipe, *, new_version: bool = False,
+           overwrite: bool = False, sample_tile: int | None = None) -> Dataset:
+    """Validate and store a recipe. Nothing is written unless every check passes.
+
+    A dataset of that name exists: AlreadyExists, unless ``new_version`` (``overwrite`` is the
+    same): then a changed recipe becomes version N+1, and version N's row and chips stay as
+    ``NAME@N`` until ``drop(conn, NAME, version=N)``; the same recipe changes nothing."""
     recipe.validate()
     require_schema(conn)
     if not conn.execute("SELECT 1 FROM spatial_ref_sys WHERE srid = %s", [recipe.srid]).fetchone():
@@ -410,24 +432,60 @@ def create(conn: psycopg.Connection, recipe: Recipe, *, overwrite: bool = False,
                classes=json.dumps({str(k): v for k, v in recipe.classes.items()}),
                all_touched=recipe.all_touched, recipe=json.dumps(meta), recipe_hash=digest)
     with conn.transaction():
-        exists = conn.execute("SELECT recipe_hash FROM pggeolearn.datasets WHERE name = %s",
-                              [recipe.name]).fetchone()
-        if exists and not overwrite:
-            raise errors.AlreadyExists(f"dataset {recipe.name} exists (use --overwrite to replace it)")
-        if exists:
-            conn.execute("DELETE FROM pggeolearn.datasets WHERE name = %s", [recipe.name])
-        cols = list(row)
-        conn.execute(
-            sql.SQL("INSERT INTO pggeolearn.datasets ({}) VALUES ({})").format(
-                sql.SQL(", ").join(map(sql.Identifier, cols)),
-                sql.SQL(", ").join(sql.Placeholder(c) for c in cols)), row)
-        # From here the transaction may not write: the trial runs the user's SQL read-only
-        # (inside image_tile/label_tile, as role pggeolearn_recipe).
-        conn.execute("SET LOCAL transaction_read_only = on")
-        conn.execute("SELECT set_config('statement_timeout', '120s', true),"
-                     " set_config('search_path', pggeolearn.pinned_search_path(), true)")
-        _trial(conn, recipe, tile)
+        exists = conn.execute("SELECT recipe_hash, version FROM pggeolearn.datasets WHERE name = %s"
+                              " FOR UPDATE", [recipe.name]).fetchone()
+        if exists and not (new_version or overwrite):
+            raise errors.AlreadyExists(
+                f"dataset {recipe.name} exists (version {exists[1]}): --new-version (or --overwrite)"
+                f" makes a new version if the recipe changed, keeping version {exists[1]} and its "
+                f"chips as {recipe.name}@{exists[1]}")
+        unchanged = bool(exists) and exists[0] == digest
+        if not unchanged:
+            _store(conn, recipe, tile, row, exists[1] if exists else None)
+    if unchanged:
+        notes.append(f"recipe unchanged: still version {exists[1]} (no new version; chips kept)")
     return get(conn, recipe.name, notes=notes)
+
+
+def _store(conn: psycopg.Connection, recipe: Recipe, tile: int, row: dict[str, Any],
+           current: int | None) -> None:
+    """Inside create's transaction: version ``current`` (if any) becomes ``NAME@N``, the new
+    recipe is the next version, and its sample tile must build."""
+    row["version"] = _next_version(conn, recipe.name)
+    if current is not None:
+        _archive(conn, recipe.name, current)
+    cols = list(row)
+    conn.execute(
+        sql.SQL("INSERT INTO pggeolearn.datasets ({}) VALUES ({})").format(
+            sql.SQL(", ").join(map(sql.Identifier, cols)),
+            sql.SQL(", ").join(sql.Placeholder(c) for c in cols)), row)
+    conn.execute("INSERT INTO pggeolearn.dataset_versions (dataset, version, recipe_hash, recipe)"
+                 " VALUES (%(name)s, %(version)s, %(recipe_hash)s, %(recipe)s)", row)
+    # From here the transaction may not write: the trial runs the user's SQL read-only
+    # (inside image_tile/label_tile, as role pggeolearn_recipe).
+    conn.execute("SET LOCAL transaction_read_only = on")
+    conn.execute("SELECT set_config('statement_timeout', '120s', true),"
+                 " set_config('search_path', pggeolearn.pinned_search_path(), true)")
+    _trial(conn, recipe, tile)
+
+
+def _next_version(conn: psycopg.Connection, name: str) -> int:
+    """One more than any version ``name`` ever had (dropped ones included: a model trained on
+    a dropped version keeps a number no later recipe takes)."""
+    return conn.execute("SELECT coalesce(max(version), 0) + 1 FROM pggeolearn.dataset_versions"
+                        " WHERE dataset = %s", [name]).fetchone()[0]
+
+
+def _archive(conn: psycopg.Connection, name: str, version: int) -> None:
+    """Version ``version`` of ``name`` becomes the row ``NAME@N``, with its chips and chip scores
+    (its recipe, grid and statistics unchanged); the row ``NAME`` is deleted, with its watches."""
+    old = f"{name}@{version}"
+    conn.execute("INSERT INTO pggeolearn.datasets SELECT (jsonb_populate_record("
+                 "NULL::pggeolearn.datasets, to_jsonb(d) || jsonb_build_object('name', %s::text))).*"
+                 " FROM pggeolearn.datasets d WHERE d.name = %s", [old, name])
+    conn.execute("UPDATE pggeolearn.chips SET dataset = %s WHERE dataset = %s", [old, name])
+    conn.execute("UPDATE pggeolearn.chip_scores SET dataset = %s WHERE dataset = %s", [old, name])
+    conn.execute("DELETE FROM pggeolearn.datasets WHERE name = %s", [name])
 
 
 def _trial(conn: psycopg.Connection, recipe: Recipe, tile: int) -> None:
@@ -442,18 +500,21 @@ def _trial(conn: psycopg.Connection, recipe: Recipe, tile: int) -> None:
 
 
 def get(conn: psycopg.Connection, name: str, *, notes: list[str] | None = None) -> Dataset:
-    """The stored dataset ``name`` or DatasetNotFound."""
+    """The stored dataset ``name`` or DatasetNotFound. ``NAME@N`` is version N of NAME (the
+    current version or an old one); ``NAME`` is the current version."""
     require_schema(conn)
+    base, at, number = name.partition("@")
+    version = _version_number(base, number) if at else None
     row = conn.execute(
         "SELECT name, srid, resolution, tile_px, overlap_px, minx, miny, maxx, maxy, image_sql,"
-        " label_sql, classes, all_touched, recipe_hash, recipe, stats"
-        " FROM pggeolearn.datasets WHERE name = %s", [name]).fetchone()
+        " label_sql, classes, all_touched, recipe_hash, recipe, stats, version"
+        " FROM pggeolearn.datasets WHERE name = %(name)s"
+        " OR (name = %(base)s AND version = %(version)s)",
+        {"name": name, "base": base, "version": version}).fetchone()
     if row is None:
-        known = [r[0] for r in conn.execute("SELECT name FROM pggeolearn.datasets ORDER BY name")]
-        hint = f" (known: {', '.join(known)})" if known else " (none defined yet: pggeolearn dataset create)"
-        raise errors.DatasetNotFound(f"unknown dataset {name!r}{hint}")
+        raise _not_found(conn, base, version)
     (name, srid, res, tile_px, overlap, minx, miny, maxx, maxy, image_sql, label_sql, classes,
-     all_touched, digest, meta, stats) = row
+     all_touched, digest, meta, stats, version) = row
     recipe = Recipe(name=name, srid=srid, resolution=res, tile_px=tile_px, overlap_px=overlap,
                     extent=(minx, miny, maxx, maxy), image_sql=image_sql, label_sql=label_sql,
                     classes=parse_classes(classes), all_touched=all_touched,
@@ -461,20 +522,116 @@ def get(conn: psycopg.Connection, name: str, *, notes: list[str] | None = None) 
                     resampling=meta.get("resampling", "nearest"))
     ncols, nrows = grid_shape(recipe)
     cols = ["geom", "class_id"] + (["buffer_m"] if meta.get("label_has_buffer") else [])
-    return Dataset(recipe, digest, ncols, nrows, cols, notes or [], stats)
+    return Dataset(recipe, digest, ncols, nrows, cols, notes or [], stats, version)
+
+
+def _version_number(base: str, number: str) -> int:
+    try:
+        version = int(number)
+    except ValueError:
+        version = 0
+    if version < 1 or not base:
+        raise errors.ConfigError(f"bad dataset version {base}@{number}: NAME@N, N a version number "
+                                 f"(pggeolearn dataset versions {base or 'NAME'})")
+    return version
+
+
+def _not_found(conn: psycopg.Connection, base: str, version: int | None) -> errors.DatasetNotFound:
+    had = versions(conn, base)
+    if version is not None and had:
+        listed = ", ".join(f"{v.version}" + ("" if v.state == "old" else f" ({v.state})") for v in had)
+        return errors.DatasetNotFound(f"dataset {base} has no version {version} (versions: {listed})")
+    known = [r[0] for r in conn.execute("SELECT name FROM pggeolearn.datasets"
+                                        " WHERE position('@' in name) = 0 ORDER BY name")]
+    hint = f" (known: {', '.join(known)})" if known else " (none defined yet: pggeolearn dataset create)"
+    return errors.DatasetNotFound(f"unknown dataset {base!r}{hint}")
 
 
 def list_all(conn: psycopg.Connection) -> list[Dataset]:
+    """The current version of every dataset (old versions: :func:`versions`)."""
     require_schema(conn)
-    names = [r[0] for r in conn.execute("SELECT name FROM pggeolearn.datasets ORDER BY name")]
+    names = [r[0] for r in conn.execute("SELECT name FROM pggeolearn.datasets"
+                                        " WHERE position('@' in name) = 0 ORDER BY name")]
     return [get(conn, n) for n in names]
 
 
-def drop(conn: psycopg.Connection, name: str) -> None:
-    """Delete a dataset and its chips."""
-    get(conn, name)
+@dataclass
+class Version:
+    """One version of a dataset (``pggeolearn.dataset_versions``) and what uses it."""
+
+    dataset: str
+    version: int
+    recipe_hash: str
+    created_at: Any
+    dropped_at: Any
+    row: str | None  # the catalog row holding it (NAME or NAME@N); None once dropped
+    chips: int
+    models: list[str]
+
+    @property
+    def state(self) -> str:
+        if self.row is None:
+            return "dropped"
+        return "current" if self.row == self.dataset else "old"
+
+    def __str__(self) -> str:
+        when = f"{self.created_at:%Y-%m-%d %H:%M}" if self.created_at else "?"
+        state = self.state + (f" {self.dropped_at:%Y-%m-%d %H:%M}" if self.dropped_at else "")
+        where = f", chips as {self.row}" if self.row and self.row != self.dataset else ""
+        used = f"\tmodels: {', '.join(self.models)}" if self.models else ""
+        return (f"{self.dataset}@{self.version}\trecipe {self.recipe_hash}\t{when}\t{state}\t"
+                f"{self.chips} chips{where}{used}")
+
+
+def versions(conn: psycopg.Connection, name: str) -> list[Version]:
+    """Every version dataset ``name`` has had, oldest first (dropped ones too)."""
+    require_schema(conn)
+    base = name.split("@", 1)[0]
+    with db_errors(f"versions of dataset {base}"):
+        rows = conn.execute(
+            "SELECT v.dataset, v.version, v.recipe_hash, v.created_at, v.dropped_at, d.name,"
+            " (SELECT count(*) FROM pggeolearn.chips c WHERE c.dataset = d.name),"
+            " ARRAY(SELECT m.name FROM pggeolearn.models m WHERE split_part(m.dataset, '@', 1) ="
+            "       v.dataset AND m.dataset_version = v.version ORDER BY m.name)"
+            " FROM pggeolearn.dataset_versions v"
+            " LEFT JOIN pggeolearn.datasets d ON d.version = v.version AND v.dropped_at IS NULL"
+            "  AND (d.name = v.dataset OR d.name = v.dataset || '@' || v.version)"
+            " WHERE v.dataset = %s ORDER BY v.version", [base]).fetchall()
+    return [Version(*r[:7], list(r[7])) for r in rows]
+
+
+def drop(conn: psycopg.Connection, name: str, *, version: int | None = None,
+         force: bool = False) -> str:
+    """Delete dataset ``name``: every version and its chips; or, with ``version`` (or a name
+    ``NAME@N``), that old version and its chips, refused while a stored model was trained on
+    it unless ``force``. The versions' recipes stay in ``pggeolearn.dataset_versions`` (lineage).
+    Returns what was dropped, as words."""
+    base, at, number = name.partition("@")
+    if at:
+        version = _version_number(base, number)
+    if version is None:
+        get(conn, base)
+        with conn.transaction():
+            conn.execute("DELETE FROM pggeolearn.datasets WHERE split_part(name, '@', 1) = %s", [base])
+            conn.execute("UPDATE pggeolearn.dataset_versions SET dropped_at = now()"
+                         " WHERE dataset = %s AND dropped_at IS NULL", [base])
+        return f"dataset {base}"
+    ds = get(conn, f"{base}@{version}")
+    if ds.is_current:
+        raise errors.ConfigError(f"version {version} is the current version of dataset {base}: "
+                                 f"`dataset drop {base}` drops the dataset (every version)")
+    users = [r[0] for r in conn.execute(
+        "SELECT name FROM pggeolearn.models WHERE split_part(dataset, '@', 1) = %s"
+        " AND dataset_version = %s ORDER BY name", [base, version])]
+    if users and not force:
+        raise errors.ConfigError(
+            f"dataset {base} version {version} is what model(s) {', '.join(users)} were trained "
+            "on: --force drops its chips anyway (the models keep their weights and lineage)")
     with conn.transaction():
-        conn.execute("DELETE FROM pggeolearn.datasets WHERE name = %s", [name])
+        conn.execute("DELETE FROM pggeolearn.datasets WHERE name = %s", [ds.name])
+        conn.execute("UPDATE pggeolearn.dataset_versions SET dropped_at = now()"
+                     " WHERE dataset = %s AND version = %s", [base, version])
+    return f"dataset {base} version {version}"
 
 
 def show(conn: psycopg.Connection, name: str) -> str:

@@ -220,6 +220,7 @@ def evaluate(dsn_or_conn: psycopg.Connection | str | None, model: str | Predicto
         if tta:
             p = TTA(p)
         ds = datasets.get(control, dataset)
+        dataset = ds.name  # "NAME@N" of the current version N is NAME
         r = ds.recipe
         notes: list[str] = ["test-time augmentation: the mean over 8 flips and rotations"] if tta else []
         if int(p.tile_px) != r.tile_px:

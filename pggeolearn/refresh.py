@@ -58,7 +58,26 @@ class Source:
 
 
 def sources(conn: psycopg.Connection, dataset: str) -> list[Source]:
-    """The tables (outside schema pggeolearn) that the dataset's image and label SQL read."""
+    """The tables (outside schema pggeolearn) that the dataset's image and label SQL read, with
+    geometry or raster columns (what a watch follows)."""
+    out = []
+    for schema, table in tables_read(conn, dataset):
+        with db_errors(f"columns of {schema}.{table}"):
+            cols = conn.execute(
+                "SELECT CASE t.typname WHEN 'raster' THEN 'r:' ELSE 'g:' END || a.attname "
+                "FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid "
+                "WHERE a.attrelid = format('%%I.%%I', %s::text, %s::text)::regclass "
+                "AND a.attnum > 0 AND NOT a.attisdropped "
+                "AND t.typname IN ('geometry', 'geography', 'raster') ORDER BY a.attnum",
+                [schema, table]).fetchall()
+        if cols:
+            out.append(Source(schema, table, [c[0] for c in cols]))
+    return out
+
+
+def tables_read(conn: psycopg.Connection, dataset: str) -> list[tuple[str, str]]:
+    """``(schema, table)`` of every table outside schema pggeolearn that the dataset's image and
+    label SQL read (views resolved to their tables), from the query plans, sorted."""
     ds = datasets.get(conn, dataset)
     r = ds.recipe
     tables: set[tuple[str, str]] = set()
@@ -76,22 +95,9 @@ def sources(conn: psycopg.Connection, dataset: str) -> list[Source]:
             with usersql.sandbox(conn, 30):
                 tables |= usersql.tables_read(conn, query, params)
         except psycopg.Error as exc:
-            raise errors.RecipeError(f"{kind} SQL of dataset {dataset} cannot be planned: "
+            raise errors.RecipeError(f"{kind} SQL of dataset {ds.name} cannot be planned: "
                                      f"{first_line(exc)}") from exc
-    tables = {t for t in tables if t[0] not in ("pggeolearn", "pg_catalog", "information_schema")}
-    out = []
-    for schema, table in sorted(tables):
-        with db_errors(f"columns of {schema}.{table}"):
-            cols = conn.execute(
-                "SELECT CASE t.typname WHEN 'raster' THEN 'r:' ELSE 'g:' END || a.attname "
-                "FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid "
-                "WHERE a.attrelid = format('%%I.%%I', %s::text, %s::text)::regclass "
-                "AND a.attnum > 0 AND NOT a.attisdropped "
-                "AND t.typname IN ('geometry', 'geography', 'raster') ORDER BY a.attnum",
-                [schema, table]).fetchall()
-        if cols:
-            out.append(Source(schema, table, [c[0] for c in cols]))
-    return out
+    return sorted(t for t in tables if t[0] not in ("pggeolearn", "pg_catalog", "information_schema"))
 
 
 def _check_margin(margin_m: float) -> None:
@@ -237,6 +243,7 @@ def refresh(dsn: str | None, dataset: str, *, margin_m: float | None = None, job
     report = RefreshReport(dataset)
     with connect(dsn, autocommit=True, application_name="pggeolearn chips refresh") as conn:
         ds = datasets.get(conn, dataset)
+        dataset = ds.name  # "NAME@N" of the current version N is NAME
         with db_errors(f"chips refresh {dataset}"):
             watched = conn.execute("SELECT source, last_change FROM pggeolearn.watches "
                                    "WHERE dataset = %s", [dataset]).fetchall()

@@ -73,6 +73,8 @@ class RunInfo:
     started_at: Any
     finished_at: Any
     heartbeat_at: Any
+    dataset_version: int | None = None  # of the dataset it read, else of the model's dataset
+    recipe_hash: str | None = None
 
     def __str__(self) -> str:
         when = self.started_at.strftime("%Y-%m-%d %H:%M:%S") if self.started_at else "?"
@@ -86,8 +88,8 @@ def list_runs(conn: psycopg.Connection, *, model: str | None = None, limit: int 
     reap(conn, "pggeolearn runs")
     with db_errors("listing runs"):
         rows = conn.execute(
-            "SELECT run_id, kind, model, dataset, status, error, started_at, finished_at, heartbeat_at"
-            " FROM pggeolearn.runs WHERE %(model)s::text IS NULL OR model = %(model)s"
+            "SELECT run_id, kind, model, dataset, status, error, started_at, finished_at, heartbeat_at,"
+            " dataset_version, recipe_hash FROM pggeolearn.runs WHERE %(model)s::text IS NULL OR model = %(model)s"
             " ORDER BY run_id DESC LIMIT %(limit)s", {"model": model, "limit": limit}).fetchall()
     return [RunInfo(*r) for r in rows]
 

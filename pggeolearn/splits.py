@@ -349,6 +349,7 @@ def assign_splits(conn: psycopg.Connection, dataset: str, *, block_m: float | No
                          stratify=bool(stratify))
     params.validate()
     ds = datasets.get(conn, dataset)
+    dataset = ds.name  # "NAME@N" of the current version N is NAME
     grid = grid_of(conn, ds)
     guard = grid.tile_ground_m if guard_m is None else float(guard_m)
     block = params.block_m or grid.default_block_m
@@ -484,6 +485,7 @@ def leakage(conn: psycopg.Connection, dataset: str, guard_m: float | None = None
     SQL from the stored footprints, independently of how :func:`assign_splits` works.
     """
     ds = datasets.get(conn, dataset)
+    dataset = ds.name  # "NAME@N" of the current version N is NAME
     grid = grid_of(conn, ds)
     if guard_m is None:
         stored = (ds.stats or {}).get("split_params") or {}

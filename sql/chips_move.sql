@@ -5,9 +5,9 @@
 -- NODATA than max_nodata).
 INSERT INTO pggeolearn.chips AS c
     (dataset, tile_id, geom, image, label, split, nodata_frac, class_counts, band_stats,
-     recipe_hash, built_at)
+     recipe_hash, dataset_version, built_at)
 SELECT %(dataset)s, s.tile_id, s.geom, s.image, s.label, NULL, s.nodata_frac, s.class_counts,
-       s.band_stats, %(recipe_hash)s, now()
+       s.band_stats, %(recipe_hash)s, %(dataset_version)s, now()
 FROM pg_temp.pggeolearn_chip_stage AS s
 ON CONFLICT (dataset, tile_id) DO UPDATE SET
     geom = EXCLUDED.geom, image = EXCLUDED.image, label = EXCLUDED.label,
@@ -16,4 +16,5 @@ ON CONFLICT (dataset, tile_id) DO UPDATE SET
                  ELSE c.split END,
     nodata_frac = EXCLUDED.nodata_frac, class_counts = EXCLUDED.class_counts,
     band_stats = EXCLUDED.band_stats,
-    recipe_hash = EXCLUDED.recipe_hash, built_at = EXCLUDED.built_at
+    recipe_hash = EXCLUDED.recipe_hash, dataset_version = EXCLUDED.dataset_version,
+    built_at = EXCLUDED.built_at

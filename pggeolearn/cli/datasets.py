@@ -42,11 +42,14 @@ def dataset() -> None:
               help="Burn every pixel a shape touches, or only pixels whose centre is inside [centre].")
 @click.option("--resampling", type=click.Choice(datasets.RESAMPLING),
               help="How imagery is sampled onto the grid [nearest: source values kept exactly].")
-@click.option("--overwrite", is_flag=True, help="Replace an existing dataset of that name.")
+@click.option("--new-version", "--overwrite", "new_version", is_flag=True,
+              help="NAME exists: a changed recipe becomes its next version (the old version and "
+                   "its chips stay as NAME@N until `dataset drop NAME --version N`); the same "
+                   "recipe changes nothing. --overwrite is the older name.")
 @pass_ctx
 def create(ctx: Context, name: str, toml_path: str | None, srid, resolution, tile_px, overlap_px,
            extent, extent_from, image_sql, label_sql, classes, all_touched, resampling,
-           overwrite) -> None:
+           new_version) -> None:
     """Create dataset NAME after checking its SQL on a sample tile."""
     given = dict(name=name, srid=srid, resolution=resolution, tile_px=tile_px,
                  overlap_px=overlap_px, extent=extent or None, extent_from=extent_from,
@@ -58,7 +61,7 @@ def create(ctx: Context, name: str, toml_path: str | None, srid, resolution, til
         recipe = datasets.Recipe.from_dict({k: v for k, v in given.items() if v is not None})
     with connect(ctx.dsn) as conn:
         conn.autocommit = True
-        ds = datasets.create(conn, recipe, overwrite=overwrite)
+        ds = datasets.create(conn, recipe, new_version=new_version)
     click.echo(ds.describe())
 
 
@@ -74,7 +77,20 @@ def list_(ctx: Context) -> None:
     for ds in found:
         r = ds.recipe
         click.echo(f"{ds.name}\tEPSG:{r.srid}\t{r.resolution:g}/px\t{r.tile_px}px\t"
-                   f"{ds.n_tiles} tiles\t{ds.recipe_hash}")
+                   f"{ds.n_tiles} tiles\t{ds.recipe_hash}\tversion {ds.version}")
+
+
+@dataset.command("versions")
+@click.argument("name")
+@pass_ctx
+def versions(ctx: Context, name: str) -> None:
+    """List every version of dataset NAME (NAME@N), its recipe hash, chips and models."""
+    with connect(ctx.dsn, autocommit=True) as conn:
+        found = datasets.versions(conn, name)
+        if not found:
+            datasets.get(conn, name)  # says it is unknown
+    for v in found:
+        click.echo(str(v))
 
 
 @dataset.command("show")
@@ -92,16 +108,20 @@ def show(ctx: Context, name: str) -> None:
 
 @dataset.command("drop")
 @click.argument("name")
+@click.option("--version", type=click.IntRange(1), default=None, metavar="N",
+              help="Drop only old version N and its chips (NAME@N names it too).")
+@click.option("--force", is_flag=True, help="Drop a version even though stored models were trained on it.")
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 @pass_ctx
-def drop(ctx: Context, name: str, yes: bool) -> None:
-    """Delete a dataset and its chips."""
+def drop(ctx: Context, name: str, version: int | None, force: bool, yes: bool) -> None:
+    """Delete a dataset (every version) and its chips, or one old version."""
+    what = f"version {version} of dataset {name}" if version else f"dataset {name}"
     if not yes:
-        click.confirm(f"drop dataset {name} and its chips?", abort=True)
+        click.confirm(f"drop {what} and its chips?", abort=True)
     with connect(ctx.dsn) as conn:
         conn.autocommit = True
-        datasets.drop(conn, name)
-    click.echo(f"dropped dataset {name}")
+        dropped = datasets.drop(conn, name, version=version, force=force)
+    click.echo(f"dropped {dropped}")
 
 
 @dataset.command("watch")

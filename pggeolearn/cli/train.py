@@ -123,11 +123,14 @@ def list_(ctx: Context) -> None:
 @click.argument("name")
 @pass_ctx
 def show(ctx: Context, name: str) -> None:
-    """Describe model NAME: architecture, classes, input grid, training, metrics."""
+    """Describe model NAME: architecture, classes, input grid, training, metrics, and its
+    lineage (source tables -> dataset version and recipe -> chips -> model -> runs)."""
+    from pggeolearn import lineage
     from pggeolearn.training import registry
 
     with connect(ctx.dsn, autocommit=True) as conn:
         click.echo(registry.get(conn, name, weights=False).describe())
+        click.echo("\n".join(lineage.model_lineage(conn, name)))
 
 
 @model.command("drop")

@@ -458,7 +458,7 @@ class _Training:
         self.started = time.perf_counter()
         require_schema(conn)
         self.ds = datasets.get(conn, dataset)
-        counts = _split_counts(conn, dataset)
+        counts = _split_counts(conn, self.ds.name)  # "NAME@N" of the current N is NAME
         _check_built(self.ds, counts)
         self.counts = counts
         r = self.ds.recipe
@@ -504,7 +504,7 @@ class _Training:
                 f"stem (they must be a multiple of {self.arch.multiple}px): use a smaller --depth")
         stats = self.ds.stats
         # the model's input: what predict and evaluate check imagery against
-        pixel_types = _pixel_types(conn, dataset)
+        pixel_types = _pixel_types(conn, self.ds.name)
         self.normalization = {"mean": [float(b["mean"]) for b in stats["bands"]],
                               "std": [float(b["std"]) or 1.0 for b in stats["bands"]],
                               "pixel_types": pixel_types}
@@ -783,6 +783,7 @@ class _Training:
         r = self.ds.recipe
         record = ModelRecord(
             name=self.name, dataset=self.ds.name, recipe_hash=self.ds.recipe_hash,
+            dataset_version=self.ds.version,
             framework=self.opts.framework, architecture=self.arch.to_json(),
             hyperparameters=self.opts.hyperparameters(), classes=self.classes,
             normalization=self.normalization, tile_px=r.tile_px, resolution=r.resolution,

@@ -43,7 +43,7 @@ EXPORT_FORMAT = "pggeolearn-model/1"
 WEIGHT_FILES = {"mxnet": "weights.params", "torch": "weights.pt"}
 COLUMNS = ("name", "dataset", "recipe_hash", "framework", "architecture", "hyperparameters",
            "classes", "normalization", "tile_px", "resolution", "srid", "bands", "weights",
-           "metrics", "best_epoch", "package_version")
+           "metrics", "best_epoch", "package_version", "dataset_version")
 JSON_COLUMNS = {"architecture", "hyperparameters", "classes", "normalization", "metrics"}
 
 
@@ -67,6 +67,7 @@ class ModelRecord:
     metrics: dict[str, Any]
     best_epoch: int | None = None
     package_version: str = __version__
+    dataset_version: int | None = None  # the version of ``dataset`` (None: from before versions)
     created_at: dt.datetime | None = None
     weights_size: int | None = field(default=None, compare=False)
 
@@ -91,7 +92,7 @@ class ModelRecord:
     @classmethod
     def from_meta(cls, meta: dict[str, Any], weights: bytes) -> ModelRecord:
         kwargs = {c: meta[c] for c in COLUMNS if c != "weights" and c in meta}
-        missing = set(COLUMNS) - {"weights", "best_epoch", "package_version"} - set(kwargs)
+        missing = set(COLUMNS) - {"weights", "best_epoch", "package_version", "dataset_version"} - set(kwargs)
         if missing:
             raise errors.ConfigError(f"model metadata lacks {', '.join(sorted(missing))}")
         kwargs["classes"] = {int(k): str(v) for k, v in kwargs["classes"].items()}
@@ -99,6 +100,12 @@ class ModelRecord:
         created = meta.get("created_at")
         return cls(**kwargs, weights=weights,
                    created_at=dt.datetime.fromisoformat(created) if created else None)
+
+    @property
+    def dataset_ref(self) -> str:
+        """``NAME@N``: the dataset version it was trained on (``NAME`` when unknown)."""
+        base = self.dataset.split("@", 1)[0]
+        return f"{base}@{self.dataset_version}" if self.dataset_version else self.dataset
 
     @property
     def arch(self) -> Architecture:
@@ -111,7 +118,7 @@ class ModelRecord:
         names = [self.classes[k] for k in sorted(self.classes)]
         hp = self.hyperparameters or {}
         lines = [
-            f"model {self.name} ({self.framework}), trained on dataset {self.dataset} "
+            f"model {self.name} ({self.framework}), trained on dataset {self.dataset_ref} "
             f"(recipe {self.recipe_hash}), pggeolearn {self.package_version}"
             + (f", {self.created_at:%Y-%m-%d %H:%M}" if self.created_at else ""),
             f"architecture: {a.get('name', 'unet')} width {a.get('width')} depth {a.get('depth')} "

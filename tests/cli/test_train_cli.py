@@ -61,6 +61,14 @@ def test_train_then_model_list_show_export_drop(db_dsn, rects, tmp_path):
     result = runner.invoke(cli, ["--dsn", db_dsn, "model", "show", "m"])
     assert result.exit_code == 0 and "classes: 0=background, 1=class1" in result.output
     assert "architecture: unet width 4 depth 1 stem stride 1" in result.output
+    # lineage: the dataset version and recipe training recorded, its chips, the training run
+    ds_hash = rects.execute("SELECT recipe_hash FROM pggeolearn.datasets WHERE name = 'rects'").fetchone()[0]
+    assert "trained on dataset rects@1 (recipe " in result.output
+    assert "\nlineage:\n  source tables: public.img_rects, public.poly_rects\n" in result.output
+    assert f"  -> recipe: dataset rects@1, recipe {ds_hash}, created " in result.output
+    assert "  -> chips: 22 under rects (train 16, val 4, test 2), built " in result.output
+    assert "  -> model: m (mxnet), created " in result.output
+    assert "  -> runs: train " in result.output and " done\n" in result.output
 
     zip_path = tmp_path / "m.zip"
     result = runner.invoke(cli, ["--dsn", db_dsn, "model", "export", "m", "--out", str(zip_path)])

@@ -70,3 +70,40 @@ def test_superseded_functions_are_dropped(empty_db_dsn):
             "'pggeolearn'::regnamespace AND proname IN ('tile_ref', 'gone') ORDER BY 1")]
     assert left == ["pggeolearn.tile_ref(text,integer)"]
     assert len(catalog(empty_db_dsn)) == before - 2
+
+
+def test_upgrade_to_0005_makes_existing_datasets_version_1(empty_db_dsn):
+    """Datasets, chips, models and runs from before versions: version 1 of their recipe."""
+    assert schema.upgrade(empty_db_dsn, "0004") == "0004"
+    with psycopg.connect(empty_db_dsn, autocommit=True) as conn:
+        conn.execute("""INSERT INTO pggeolearn.datasets (name, srid, resolution, tile_px, minx, miny,
+                            maxx, maxy, image_sql, label_sql, classes, recipe, recipe_hash)
+                        VALUES ('d', 3857, 1, 16, 0, 0, 16, 16, 'SELECT 1', 'SELECT 2', '{"1": "x"}',
+                                '{"tile_px": 16}', 'h1')""")
+        conn.execute("INSERT INTO pggeolearn.chips (dataset, tile_id, geom, recipe_hash)"
+                     " VALUES ('d', 0, ST_MakeEnvelope(0, 0, 16, 16, 3857), 'h1')")
+        for model, recipe_hash in (("same", "h1"), ("older", "h0")):
+            conn.execute("""INSERT INTO pggeolearn.models (name, dataset, recipe_hash, framework,
+                                architecture, hyperparameters, classes, normalization, tile_px,
+                                resolution, srid, bands, weights, metrics, package_version)
+                            VALUES (%s, 'd', %s, 'mxnet', '{}', '{}', '{}', '{}', 16, 1, 3857, 3,
+                                    'w', '{}', '0')""", [model, recipe_hash])
+        conn.execute("INSERT INTO pggeolearn.runs (kind, model, dataset, status) VALUES"
+                     " ('train', 'same', 'd', 'done'), ('predict', 'older', NULL, 'done'),"
+                     " ('predict', 'same', NULL, 'done')")
+    schema.upgrade(empty_db_dsn)
+    with psycopg.connect(empty_db_dsn) as conn:
+        assert conn.execute("SELECT name, version FROM pggeolearn.datasets").fetchall() == [("d", 1)]
+        assert conn.execute("SELECT dataset, version, recipe_hash, recipe, dropped_at"
+                            " FROM pggeolearn.dataset_versions").fetchall() == [
+            ("d", 1, "h1", {"tile_px": 16}, None)]
+        assert conn.execute("SELECT dataset_version FROM pggeolearn.chips").fetchall() == [(1,)]
+        assert conn.execute("SELECT name, dataset_version FROM pggeolearn.models ORDER BY name"
+                            ).fetchall() == [("older", None), ("same", 1)]
+        assert conn.execute("SELECT kind, model, dataset_version, recipe_hash FROM pggeolearn.runs"
+                            " ORDER BY run_id").fetchall() == [
+            ("train", "same", 1, "h1"), ("predict", "older", None, "h0"), ("predict", "same", 1, "h1")]
+        # the new version column has no default: only datasets.create writes it
+        assert conn.execute("SELECT column_default FROM information_schema.columns WHERE table_schema ="
+                            " 'pggeolearn' AND table_name = 'datasets' AND column_name = 'version'"
+                            ).fetchone() == (None,)
