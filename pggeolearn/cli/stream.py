@@ -25,7 +25,7 @@ from pggeolearn.cli.context import Context, pass_ctx
 def show_batch(ctx: Context, dataset: str, split: str, out: Path, augment: bool, n: int,
                seed: int, epoch: int) -> None:
     """Write one batch of DATASET as a PNG: chips with their labels over them in class colours."""
-    from pggeolearn.stream import show_batch as render
+    from pggeolearn.pictures import show_batch as render
 
     click.echo(str(render(ctx.dsn, dataset, out=out, split=split, n=n, augment=augment,
                           seed=seed, epoch=epoch)))

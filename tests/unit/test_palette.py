@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import xml.etree.ElementTree as ET
 
-from pggeolearn import chips, evaluate, palette, publish, stream
+from pggeolearn import chips, evaluate, palette, pictures, publish
 from pggeolearn.training import plot
 
 
@@ -12,7 +12,7 @@ def test_every_writer_uses_the_one_palette():
     classes = {0: "background", 1: "road", 2: "building", 11: "eleventh"}
     assert publish.palette(classes) == palette.palette(classes) == {
         0: (0, 0, 0), 1: (230, 25, 75), 2: (0, 130, 200), 11: (230, 25, 75)}
-    assert [stream.class_colour(k) for k in (1, 2, 3)] == list(palette.CLASS_RGB[:3])
+    assert [pictures.class_colour(k) for k in (1, 2, 3)] == list(palette.CLASS_RGB[:3])
     assert chips.SPLIT_RGB is palette.SPLIT_RGB
     assert evaluate.MIOU_RANGES == list(palette.IOU_RANGES)
     assert tuple(plot.COLOURS) == palette.LINE_RGB
