@@ -208,6 +208,7 @@ class GeoStream:
                            autocommit=True, **wire.connect_kwargs()) as conn:  # a restart between epochs: wait
             ds = datasets.get(conn, self.dataset_name)
             self.dataset = ds
+            self.dataset_name = ds.name  # "NAME@N" of the current version is NAME in the store
             r = ds.recipe
             self.classes: dict[int, str] = dict(r.classes)
             self.srid = r.srid
