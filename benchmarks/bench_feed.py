@@ -9,7 +9,7 @@ Chips: 3 x 256 x 256 uint8 + labels, as in bench_stream.py (its writer is reused
    (host, the reference), MXNet GeoIter (NDArrays on the context, normalized there,
    ``wait_to_read``), and the PyTorch loader (pinned memory and ``non_blocking`` copies when
    the device is CUDA, then ``synchronize``).
-2. **Training**: ``--steps`` steps of the default U-Net (width 16, depth 3, stride-2 stem,
+2. **Training**: ``--steps`` steps of the default U-Net (``pggeolearn.training.loop.DEFAULTS``,
    batch 8), MXNet and PyTorch, through the same batches training uses; *data wait* is the
    share of wall time spent waiting for the next batch (what ``pggeolearn train`` stores per
    epoch). The goal on a GPU: >= 2,500 chips/s of feed and data wait <= 5 %.
@@ -83,13 +83,14 @@ def train_steps(dsn: str, name: str, framework: str, steps: int) -> tuple[int, f
     from pggeolearn.training.loop import DEFAULTS
     from pggeolearn.training.registry import Architecture
 
-    arch = Architecture(in_channels=3, num_classes=3, width=DEFAULTS["width"],
-                        depth=DEFAULTS["depth"], stem_stride=DEFAULTS["stem_stride"])
+    arch = Architecture(in_channels=3, num_classes=3, **{k: DEFAULTS[k] for k in
+                                                         ("width", "depth", "stem_stride", "block", "head")})
     if framework == "mxnet":
         from pggeolearn.training.models_mx import MxModel as Model
     else:
         from pggeolearn.training.models_torch import TorchModel as Model
-    model = Model(arch, "auto", seed=0, normalization={"mean": NORM[0], "std": NORM[1]}, lr=1e-3)
+    model = Model(arch, "auto", seed=0, normalization={"mean": NORM[0], "std": NORM[1]}, lr=1e-3,
+                  loss=DEFAULTS["loss"])
     batches = model.batches(dsn, name, "train", batch_size=TRAIN_BATCH, shuffle=True,
                             augment=False, seed=0, epoch=0)
     waited, chips, started = 0.0, 0, time.perf_counter()

@@ -2,13 +2,13 @@
 MXNet and PyTorch, each under the same time budget, side by side in one run.
 
 Run: ``python benchmarks/bench_train.py [--dsn DSN] [--minutes 10] [--frameworks mxnet torch]
-[--configs baseline default] [--tta] [--png curves.png]``
+[--configs baseline default] [--no-tta] [--png bench_train.png]``
 
 The data: the Banepa mosaics and OSM buildings in ``../shared/data/banepa`` (skipped with a
 message when absent), imported into a scratch database and cut into the demo's dataset (256 px
 tiles, spatial train/val/test blocks). Every configuration trains with ``--time-limit MINUTES``
 (the schedule anneals by then); the best epoch on **val** is the model, scored on the untouched
-**test** split (and with test-time augmentation when ``--tta``). Configurations (``--configs``,
+**test** split, plain and with test-time augmentation (``evaluate --tta``). Configurations (``--configs``,
 in order; ``default`` is what ``pggeolearn train`` does with no options):
 
 * ``baseline``: the 0.x defaults (plain U-Net depth 3, cross entropy, flips and rotations);
@@ -107,7 +107,8 @@ def main() -> None:
     ap.add_argument("--minutes", type=float, default=10.0, help="training budget per configuration")
     ap.add_argument("--frameworks", nargs="+", default=["mxnet", "torch"], choices=["mxnet", "torch"])
     ap.add_argument("--configs", nargs="+", default=["baseline", "default"], choices=list(CONFIGS))
-    ap.add_argument("--tta", action="store_true", help="also score the test split with test-time augmentation")
+    ap.add_argument("--no-tta", dest="tta", action="store_false",
+                    help="skip scoring the test split with test-time augmentation")
     ap.add_argument("--png", type=Path, default=Path("bench_train.png"))
     args = ap.parse_args()
     data = SHARED_DATA / "banepa"

@@ -94,7 +94,8 @@ def test_errors_are_one_line(db_dsn, rects, tmp_path):
     cases = [
         (["train", "rects", "--model", "taken"], "error: model taken exists (use --overwrite"),
         (["train", "nope", "--model", "m"], "error: unknown dataset 'nope'"),
-        (["train", "rects", "--model", "m", "--device", "gpu:0"], "error: GPU 0 was asked for"),
+        (["train", "rects", "--model", "m"], "error: tiles of 16px do not halve 4 times after a stride-4 stem"),
+        (["train", "rects", "--model", "m", "--depth", "1", "--device", "gpu:0"], "error: GPU 0 was asked for"),
         (["train", "rects", "--model", "m", "--resume"], "error: no checkpoint of model m"),
         (["model", "show", "nope"], "error: unknown model 'nope' (known: taken)"),
         (["model", "drop", "nope"], "error: unknown model 'nope'"),
@@ -164,7 +165,7 @@ def test_framework_torch_without_torch_is_one_line(db_dsn, rects):
     runs with or without it) is one line saying how to install it, and writes nothing."""
     code = ("import sys; sys.modules['torch'] = None; from pggeolearn.cli.main import main; "
             f"main(['--dsn', {db_dsn!r}, 'train', 'rects', '--model', 'm', '--framework', 'torch', "
-            "'--no-progress'])")
+            "'--depth', '1', '--no-progress'])")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180)
     assert proc.returncode == 1, proc.stderr
     assert len(proc.stderr.splitlines()) == 1, proc.stderr
