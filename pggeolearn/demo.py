@@ -131,7 +131,7 @@ def run_demo(dsn: str | None = None, *, out: str | Path = "pggeolearn-demo", dat
              size_px: int = 2048, epochs: int = 30, minutes: float = 10.0, framework: str = "mxnet",
              jobs: int = 2, say: Callable[[str], None] = print) -> DemoReport:
     """Run the whole pipeline; ``data`` = a folder like ../shared/data/banepa for real data."""
-    from pggeolearn.importers import import_raster, import_vector
+    from pggeolearn.importers import import_raster
 
     out = Path(out).absolute()
     out.mkdir(parents=True, exist_ok=True)

@@ -47,8 +47,8 @@ from pggeolearn.predict import (
     relkind,
 )
 from pggeolearn.resources import sql_text
-from pggeolearn.tta import TTA
 from pggeolearn.training import metrics
+from pggeolearn.tta import TTA
 
 __all__ = ["EvalReport", "TileScore", "evaluate"]
 

@@ -22,12 +22,12 @@ from pggeolearn.db.schema import require_schema
 from pggeolearn.db.tables import TableName
 from pggeolearn.predict.grid import NODATA, PROB_SCALE, Grid
 from pggeolearn.predict.model import Predictor, call_model, load_model
-from pggeolearn.tta import TTA
 from pggeolearn.predict.options import DEFAULT_OVERLAP, PredictOptions
 from pggeolearn.predict.plan import OutputNames, Plan, make_plan, output_names, outputs_of
 from pggeolearn.predict.sink import Writer, create_schemas
 from pggeolearn.predict.source import BandReader, looks_like_sql
 from pggeolearn.predict.stitch import Stitcher, needed_windows
+from pggeolearn.tta import TTA
 
 __all__ = ["PredictReport", "predict"]
 
