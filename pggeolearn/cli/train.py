@@ -33,22 +33,22 @@ from pggeolearn.db import connect
 @click.option("--resume", is_flag=True,
               help="Continue the model's last checkpoint (its settings; --epochs is the new total).")
 @click.option("--width", type=click.IntRange(2, 512), default=None,
-              help="Channels of the first U-Net level, doubled at each level [32].")
-@click.option("--depth", type=click.IntRange(1, 6), default=None, help="U-Net poolings [4].")
+              help="Channels of the first U-Net level, doubled at each level [16].")
+@click.option("--depth", type=click.IntRange(1, 6), default=None, help="U-Net poolings [3].")
 @click.option("--stem-stride", type=click.Choice(["1", "2", "4"]), default=None,
-              help="2 or 4 runs the encoder at 1/2 or 1/4 resolution (much cheaper; labels stay full size) [4].")
+              help="2 or 4 runs the encoder at 1/2 or 1/4 resolution (much cheaper; labels stay full size) [2].")
 @click.option("--block", type=click.Choice(["plain", "residual"]), default=None,
-              help="U-Net levels of two convolutions, or with a residual shortcut [residual].")
+              help="U-Net levels of two convolutions, or with a residual shortcut [plain].")
 @click.option("--head", type=click.Choice(["refine", "bilinear"]), default=None,
               help="After a stem: a full-resolution conv over the upsampled features and the "
-                   "input, or logits upsampled bilinearly (cheaper) [bilinear].")
+                   "input, or logits upsampled bilinearly (cheaper) [refine].")
 @click.option("--loss", type=click.Choice(["ce", "ce+dice"]), default=None,
-              help="Cross entropy, or cross entropy plus soft Dice (closer to IoU) [ce+dice].")
+              help="Cross entropy, or cross entropy plus soft Dice (closer to IoU) [ce].")
 @click.option("--jitter", type=click.FloatRange(0, 1, max_open=True), default=None,
-              help="Colour jitter with --augment: band gain 1±J and brightness ±J std [0.1].")
+              help="Colour jitter with --augment: band gain 1±J and brightness ±J std [0].")
 @click.option("--class-weights/--no-class-weights", default=None,
               help="Weigh the loss by inverse train class frequency (clipped) [on].")
-@click.option("--augment/--no-augment", default=None, help="Random flips, 90° rotations and colour jitter [on].")
+@click.option("--augment/--no-augment", default=None, help="Random flips and 90° rotations (and --jitter) [on].")
 @click.option("--patience", type=click.IntRange(0), default=None,
               help="Stop after this many epochs without a better val mIoU (0: never) "
                    "[5; with --time-limit: never unless given].")

@@ -69,12 +69,9 @@ MIN_LR_FRACTION = 0.01
 DATA_WAIT_WARN = 0.05  # an epoch that waits longer than this share of its time for chips warns
 DEFAULT_PATIENCE = 5  # epochs without a better val mIoU; not applied under a time limit
 CHECKPOINT_FORMAT = "pggeolearn-checkpoint/1"
-DEFAULTS = {"framework": "mxnet", "width": 32, "depth": 4, "stem_stride": 4, "batch_size": 8,
+DEFAULTS = {"framework": "mxnet", "width": 16, "depth": 3, "stem_stride": 2, "batch_size": 8,
             "lr": 1e-3, "schedule": "cosine", "seed": 0, "class_weights": True, "augment": True,
-            "weight_decay": 0.0, "loss": "ce+dice", "jitter": 0.1, "block": "residual",
-            "head": "bilinear"}
-# what a checkpoint written before these options existed was trained with
-LEGACY = {"loss": "ce", "jitter": 0.0, "block": "plain", "head": "refine"}
+            "weight_decay": 0.0, "loss": "ce", "jitter": 0.0, "block": "plain", "head": "refine"}
 # what a checkpoint fixes: changing it on --resume would train another model
 FIXED_ON_RESUME = ("framework", "width", "depth", "stem_stride", "batch_size", "lr", "schedule",
                    "seed", "class_weights", "augment", "weight_decay", "loss", "jitter", "block", "head")
@@ -208,8 +205,6 @@ class TrainOptions:
         out = replace(self)
         for k in DEFAULTS:
             mine = getattr(self, k)
-            if stored is not None and k not in stored and k in LEGACY:
-                stored = {**stored, k: LEGACY[k]}
             if stored is not None and k in stored:
                 if mine is not None and mine != stored[k]:
                     raise errors.ConfigError(
