@@ -94,7 +94,8 @@ def test_errors_are_one_line(db_dsn, rects, tmp_path):
     cases = [
         (["train", "rects", "--model", "taken"], "error: model taken exists (use --overwrite"),
         (["train", "nope", "--model", "m"], "error: unknown dataset 'nope'"),
-        (["train", "rects", "--model", "m"], "error: tiles of 16px do not halve 4 times after a stride-4 stem"),
+        (["train", "rects", "--model", "m", "--depth", "4", "--stem-stride", "4"],
+         "error: tiles of 16px do not halve 4 times after a stride-4 stem"),
         (["train", "rects", "--model", "m", "--depth", "1", "--device", "gpu:0"], "error: GPU 0 was asked for"),
         (["train", "rects", "--model", "m", "--resume"], "error: no checkpoint of model m"),
         (["model", "show", "nope"], "error: unknown model 'nope' (known: taken)"),
