@@ -13,7 +13,7 @@ in order; ``default`` is what ``pggeolearn train`` does with no options, every o
 changes it):
 
 * ``bilinear``: logits upsampled bilinearly instead of the full-resolution refinement layer
-  (``--head bilinear``: cheaper steps, more epochs in the budget);
+  (``--head bilinear``);
 * ``jitter``: colour jitter 0.1 (``--jitter 0.1``);
 * ``dice``: cross entropy + soft Dice (``--loss ce+dice``);
 * ``quarter``: a stride-4 stem, width 32, depth 4, residual levels, bilinear head, CE + Dice

@@ -41,7 +41,7 @@ from pggeolearn.db import connect
               help="U-Net levels of two convolutions, or with a residual shortcut [plain].")
 @click.option("--head", type=click.Choice(["refine", "bilinear"]), default=None,
               help="After a stem: a full-resolution conv over the upsampled features and the "
-                   "input, or logits upsampled bilinearly (cheaper) [refine].")
+                   "input, or logits upsampled bilinearly [refine].")
 @click.option("--loss", type=click.Choice(["ce", "ce+dice"]), default=None,
               help="Cross entropy, or cross entropy plus soft Dice (closer to IoU) [ce].")
 @click.option("--jitter", type=click.FloatRange(0, 1, max_open=True), default=None,
