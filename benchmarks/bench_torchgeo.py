@@ -1,15 +1,15 @@
 """Peer comparison with TorchGeo: image + label chips of the same Banepa tiles per second,
 pggeolearn's torch loader against TorchGeo's RasterDataset & VectorDataset, side by side.
 
-Run: ``python benchmarks/bench_torchgeo.py [--dsn DSN] [--samples 96] [--epochs 2] [--batch 32]
-[--workers 0 2]`` (about 5 minutes on 2 cores once the TorchGeo venv exists, most of it
+Run: ``python benchmarks/bench_torchgeo.py [--dsn DSN] [--samples 192] [--epochs 2] [--batch 32]
+[--workers 0 2]`` (4-6 minutes on 2 cores once the TorchGeo venv exists, nearly all of it
 TorchGeo's side; creating the venv downloads a few hundred MB of wheels the first time).
 
 The data: the Banepa train mosaic (``imagery/banepa_train_mosaic_epsg3857.tif``, 3072 x 4096 px
 RGB, JPEG-compressed GeoTIFF, 0.149 m) and the OSM buildings (``labels/*.geojson``, EPSG:4326)
 from ``SHARED_DATA/banepa`` (skipped with a message when absent). The mosaic's grid has 192
-tiles of 256 x 256 px (12 x 16); each side delivers ``--samples`` of them per epoch (96 by
-default, so TorchGeo's side stays within minutes) as batches of ``--batch``:
+tiles of 256 x 256 px (12 x 16); each side delivers ``--samples`` of them per epoch (all 192
+by default) as batches of ``--batch``:
 
 * **ours**: the mosaic and buildings imported into a scratch PostGIS database and cut into the
   demo's dataset (``demo.load_banepa`` + ``demo.recipe`` + ``chips.build``, as bench_train.py
@@ -22,8 +22,8 @@ default, so TorchGeo's side stays within minutes) as batches of ``--batch``:
   fly, buildings = 1) with a ``GridGeoSampler`` (256 px, stride 256) and a ``DataLoader`` with
   ``stack_samples``: float32 image ``(N, 3, 256, 256)`` and int64 mask ``(N, 256, 256)``, the
   first ``--samples`` cells in grid order (neighbours in a row: kind to its reads). A second
-  row reads the images alone (``RasterDataset`` only) to show what the labels cost. It runs in its own
-  venv (TorchGeo >= 0.9 needs Python >= 3.12) as a subprocess of this script that prints JSON.
+  row reads the images alone (``RasterDataset`` only) to show what the labels cost. It runs in
+  its own venv (TorchGeo >= 0.9 needs Python >= 3.12), a subprocess of this script printing JSON.
 
 Each side runs ``--epochs`` epochs per DataLoader worker count (``--workers``, the same counts
 for both; workers persist across epochs); epoch 1 is cold (files, caches, worker start), epoch
@@ -38,7 +38,7 @@ CUDA build too: where its C++ ops do not load beside the CPU torch, the child de
 op schemas torchvision 0.28 needs at import (no kernels; TorchGeo's datasets and samplers use
 no torchvision op) and the script prints that it did. ``--no-fallback`` insists on
 Python >= 3.12. A failed install is remembered (``--retry-install`` tries again). Where no
-TorchGeo can be installed the script prints why on one line and exits 0.
+TorchGeo can be installed the script prints why on one line and exits 0 (skipped).
 """
 
 from __future__ import annotations
@@ -109,9 +109,9 @@ def ensure_venv(python: str, version: tuple[int, int], requirement: str,
     py = str(venv / "bin" / "python")
     steps = [([python, "-m", "venv", str(venv)], "creating the venv failed"),
              ([py, "-m", "pip", "install", "--quiet", TORCH_SPEC],
-              f"no {TORCH_SPEC} wheel for this Python on the package indexes configured here "
-              "(PyPI's Linux torch wheels are CUDA builds; CPU ones come from the PyTorch CPU "
-              "wheel index via PIP_EXTRA_INDEX_URL, or set PGGEOLEARN_TORCH_SPEC)"),
+              f"no {TORCH_SPEC} wheel for it on the package indexes configured here (PyPI's Linux "
+              "torch wheels are CUDA builds; add the PyTorch CPU wheel index with "
+              "PIP_EXTRA_INDEX_URL, or set PGGEOLEARN_TORCH_SPEC)"),
              # TorchGeo 0.8 imports requests without declaring it
              ([py, "-m", "pip", "install", "--quiet", TORCH_SPEC, requirement, "requests"],
               f"installing {requirement} failed"),
@@ -125,11 +125,21 @@ def ensure_venv(python: str, version: tuple[int, int], requirement: str,
         if code != 0:
             lines = [ln.strip() for ln in text.splitlines() if ln.strip()
                      and not ln.startswith("WARNING: Location")]
-            why = f"Python {version[0]}.{version[1]}: {meaning} ({(lines or ['?'])[-1][:160]})"
+            detail = "" if "ResolutionImpossible" in text else f" ({(lines or ['?'])[-1][:160]})"
+            why = f"Python {version[0]}.{version[1]}: {meaning}{detail}"
             failed.write_text(why + "\n")
             return None, why
     ready.write_text(out.stdout)
     return venv / "bin" / "python", ""
+
+
+def merged(notes: list[str]) -> list[str]:
+    """``Python 3.13: why`` and ``Python 3.12: why`` (the same why) as ``Python 3.13, 3.12: why``."""
+    out: dict[str, list[str]] = {}
+    for note in notes:
+        head, _, why = note.partition(": ")
+        out.setdefault(why, []).append(head.removeprefix("Python "))
+    return [f"Python {', '.join(heads)}: {why}" for why, heads in out.items()]
 
 
 def torchgeo_python(fallback: bool, retry: bool) -> tuple[Path | None, list[str]]:
@@ -326,8 +336,8 @@ def main() -> None:
                                   "embedded cluster, or PGGEOLEARN_BENCH_DSN)")
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--samples", type=int, default=96,
-                    help="samples per epoch on both sides (at most the 192 chips)")
+    ap.add_argument("--samples", type=int, default=192,
+                    help="samples per epoch on both sides (default and most: the 192 chips)")
     ap.add_argument("--workers", type=int, nargs="+", default=[0, 2],
                     help="DataLoader worker counts, the same for both sides")
     ap.add_argument("--no-fallback", action="store_true",
@@ -354,11 +364,11 @@ def main() -> None:
         print(f"skipped: the Banepa data is not at {data} (set PGGEOLEARN_DATA)")
         return
     python, notes = torchgeo_python(not args.no_fallback, args.retry_install)
-    for note in notes:
-        print(f"TorchGeo venv: {note}")
     if python is None:
-        print("skipped: no TorchGeo could be installed here (see the lines above)")
+        print(f"skipped: no TorchGeo could be installed here: {'; '.join(merged(notes))}")
         return
+    for note in merged(notes):
+        print(f"TorchGeo venv: {note}")
     print(conditions())
     with scratch_database(args.dsn) as dsn:
         built = build_chips(dsn, data)
