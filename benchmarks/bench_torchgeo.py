@@ -2,8 +2,8 @@
 pggeolearn's torch loader against TorchGeo's RasterDataset & VectorDataset, side by side.
 
 Run: ``python benchmarks/bench_torchgeo.py [--dsn DSN] [--samples 192] [--epochs 2] [--batch 32]
-[--workers 0 2]`` (5 minutes on 2 lightly loaded cores, 11 with half a core free, nearly all
-of it TorchGeo's side; creating the venv downloads a few hundred MB of wheels the first time).
+[--workers 0 2]`` (11 minutes on 2 cores with half a core free, nearly all of it TorchGeo's
+side; creating the venv downloads a few hundred MB of wheels the first time).
 
 The data: the Banepa train mosaic (``imagery/banepa_train_mosaic_epsg3857.tif``, 3072 x 4096 px
 RGB, JPEG-compressed GeoTIFF, 0.149 m) and the OSM buildings (``labels/*.geojson``, EPSG:4326)
