@@ -42,6 +42,7 @@ from pathlib import Path
 
 import numpy as np
 import psycopg
+from psycopg import sql
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import SHARED_DATA, conditions, print_table, scratch_database  # noqa: E402
@@ -199,8 +200,9 @@ def main() -> None:
         schema, table = imagery.split(".")
         res, srid = conn.execute("SELECT scale_x, srid FROM raster_columns WHERE r_table_schema = %s "
                                  "AND r_table_name = %s", [schema, table]).fetchone()
-        ext = conn.execute(f"SELECT ST_XMin(e), ST_YMin(e), ST_XMax(e), ST_YMax(e) FROM "  # noqa: S608
-                           f"(SELECT ST_Extent(ST_Envelope(rast)) e FROM {imagery}) s").fetchone()
+        ext = conn.execute(sql.SQL("SELECT ST_XMin(e), ST_YMin(e), ST_XMax(e), ST_YMax(e) FROM "
+                                   "(SELECT ST_Extent(ST_Envelope(rast)) e FROM {}) s").format(
+                                       sql.Identifier(schema, table))).fetchone()
         print(f"scene: {'Banepa predict block' if banepa else 'synthetic scene (seed 3; no Banepa data)'} "
               f"{imagery}, {round((ext[2] - ext[0]) / res)} x {round((ext[3] - ext[1]) / res)} px", flush=True)
         runs = [("constant (no inference, no objects)", Trivial(res, srid), {}),

@@ -283,6 +283,7 @@ def test_min_pixels_leaves_noise_out_before_vectorizing(conn, db_dsn):
     cls = read_raster(conn, "public.out", rep0.grid)
     n = sum(1 for _ in features.shapes(cls, mask=cls == 1, connectivity=4))
     assert rep0.polygons == n == 3 + 1 + specks and rep0.dropped == 0
+    assert "every object kept" in str(rep0) and f"objects under 4 px left out ({specks} inside tiles" in str(rep)
     sizes = conn.execute("SELECT pixels, count(*) FROM public.out_polygons GROUP BY 1 ORDER BY 1").fetchall()
     assert [s for s, _ in sizes] == [1, 2, 3, 6, 400, 750]
     assert conn.execute("SELECT bool_and(ST_IsValid(geom)) FROM public.out_polygons").fetchone()[0]
