@@ -1,33 +1,40 @@
-"""Prediction throughput (output tiles/s) and the write-back rate of 256 x 256 class masks.
+"""Prediction throughput (output tiles/s, where the time goes) and the write-back rate of 256 x 256
+class masks.
 
-Scene: the unlabelled Banepa block (``../shared/data/banepa``, 2048 x 2048 px RGB, 64 output
-tiles of 256 px) when present, else a seeded synthetic scene of the same size. Each predict
-run is ``pggeolearn.predict.predict`` end to end: imagery read through SQL, windows of 256 px
-with 32 px overlap (centre stitching), class raster + polygons written, indexes, constraints,
-overviews 2 and 4, styles, all in one transaction.
+Scene: the unlabelled Banepa block (``../shared/data/banepa``, 2048 x 2048 px RGB at 15 cm, 64
+output tiles of 256 px). Each predict run is ``pggeolearn.predict.predict`` end to end:
+imagery read through SQL, windows of 256 px with 32 px overlap (centre stitching), class raster
++ polygons written, indexes, constraints, overviews 2 and 4, styles, all in one transaction.
+The split of the time per run: model (inference), stitch, vectorize (labelling and polygons on
+the client), write (class tiles encoded and sent), finalize (overviews, the server dissolving
+objects across tile borders, styles), waiting for imagery.
 
-* **inference excluded**: trivial predictors - constant probabilities (nothing to vectorize)
-  and a brightness threshold (~1 ms of numpy per window, real objects) - what the pipeline
-  around the model costs, with and without vectorizing polygons.
-* **inference included**: a U-Net from the model registry (``pggeolearn.training.registry``,
-  saved and loaded by name, run on the CPU). Its weights are untrained (seeded): the same
-  compute as a trained model of that architecture, meaningless (noisy) classes, so many tiny
-  objects to vectorize. ``--model-file`` adds a trained model exported with
-  ``registry.export``. Without the registry, a small numpy convolution stands in, labelled.
+* **no inference**: constant probabilities (nothing to vectorize) and a brightness threshold
+  (~1 ms of numpy per window, real objects): what the pipeline around the model costs.
+* **a trained U-Net**: the default run builds the demo's Banepa buildings dataset (chips of
+  the train mosaic, OSM footprints) and trains ``pggeolearn train``'s defaults for
+  ``--epochs`` (5, seeded) on the CPU, then predicts the block with it.
+* **the same U-Net untrained**: the trained model's record with freshly initialized (seeded)
+  weights: the same compute, noisy classes, tens of thousands of specks to vectorize.
 
-Write-back of N 256 x 256 8BUI masks (the class tiles the predict run produced, so realistic
-shapes): ours - pipelined ``INSERT ... ST_RastFromWKB(%b)`` with binary parameters into an lz4
-column (what predict does) - against EXTERNAL storage and pglz with the same pipeline, and the
-naive way: one ``INSERT`` per tile with hex WKB text into a default-storage (pglz) column,
-autocommit. Best of ``--repeat`` runs; the load average is printed (other work skews ratios).
+Both U-Nets run with ``--min-pixels 0`` (every object vectorized) and with the default (4:
+smaller objects left out before vectorizing). ``--model-file`` adds a model exported with
+``registry.export``. Without the Banepa data a synthetic scene stands in and the U-Net rows
+are skipped (they need its labels), said so.
 
-    python benchmarks/bench_predict.py [--dsn DSN] [--repeat 3] [--writes 2048] [--model-file ZIP]
+Write-back of N 256 x 256 8BUI masks (the class tiles of a predict run, so realistic shapes):
+ours - pipelined ``INSERT ... ST_RastFromWKB(%b)`` with binary parameters into an lz4 column
+(what predict does) - against EXTERNAL storage and pglz with the same pipeline, and the naive
+way: one ``INSERT`` per tile with hex WKB text into a default-storage (pglz) column,
+autocommit. Best of ``--repeat`` runs (the no-inference predict rows too; the U-Net rows run once).
+
+    python benchmarks/bench_predict.py [--dsn DSN] [--epochs 5] [--repeat 3] [--writes 2048] [--model-file ZIP]
 """
 
 from __future__ import annotations
 
 import argparse
-import os
+import dataclasses
 import sys
 import tempfile
 import time
@@ -35,14 +42,14 @@ from pathlib import Path
 
 import numpy as np
 import psycopg
+from psycopg import sql
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import SHARED_DATA, conditions, print_table, scratch_database  # noqa: E402
 
 from pggeolearn import predict, wkb  # noqa: E402
-from pggeolearn.importers import import_raster  # noqa: E402
 
-BANEPA_PREDICT = SHARED_DATA / "banepa" / "imagery" / "banepa_predict_mosaic_epsg3857.tif"
+BANEPA = SHARED_DATA / "banepa"
 
 
 class Trivial:
@@ -72,75 +79,69 @@ class Threshold(Trivial):
         return np.stack([1 - p1, p1], axis=1)
 
 
-class NumpyConv(Trivial):
-    """STAND-IN (no registry): two 3 x 3 convolutions with 8 channels in numpy."""
+def load_banepa(dsn: str) -> str:
+    """The Banepa imagery and buildings, the demo's dataset ``banepa`` with its chips; returns
+    the predict block's table."""
+    from pggeolearn import chips, datasets, demo
 
-    name = "numpy-conv stand-in"
-
-    def predict_proba(self, images_uint8: np.ndarray) -> np.ndarray:
-        x = images_uint8.astype(np.float32) / 255.0
-        rng = np.random.default_rng(0)
-        for cout in (8, 2):
-            k = rng.normal(0, 0.3, (cout, x.shape[1], 3, 3)).astype(np.float32)
-            pad = np.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1)), mode="edge")
-            h, w = x.shape[2:]
-            y = sum(np.einsum("oc,nchw->nohw", k[:, :, i, j], pad[:, :, i:i + h, j:j + w])
-                    for i in range(3) for j in range(3))
-            x = np.maximum(y, 0) if cout == 8 else y
-        e = np.exp(x - x.max(axis=1, keepdims=True))
-        return e / e.sum(axis=1, keepdims=True)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        train_table, predict_table, label_sql, classes, res = demo.load_banepa(conn, BANEPA)
+        datasets.create(conn, demo.recipe("banepa", train_table, label_sql, classes, res))
+        chips.build(conn, "banepa", jobs=2, progress=False)
+    return predict_table
 
 
-def load_scene(conn: psycopg.Connection) -> tuple[str, str]:
-    """Import the imagery into public.bench_img; return (description, path)."""
-    if BANEPA_PREDICT.exists():
-        path, what = BANEPA_PREDICT, "Banepa predict block 2048 x 2048 (real)"
-    else:
-        from pggeolearn.synthetic import make_scene
+def load_synthetic(conn: psycopg.Connection) -> str:
+    from pggeolearn.importers import import_raster
+    from pggeolearn.synthetic import make_scene
 
-        tmp = Path(tempfile.mkdtemp(prefix="pgl-bench-predict-"))
-        path = make_scene(tmp, size_px=2048, seed=3).image_path
-        what = "synthetic scene 2048 x 2048 (seed 3)"
+    path = make_scene(Path(tempfile.mkdtemp(prefix="pgl-bench-predict-")), size_px=2048, seed=3).image_path
     import_raster(conn, [path], "public.bench_img", progress=False)
-    return what, str(path)
+    return "public.bench_img"
+
+
+def train_unets(dsn: str, epochs: int) -> tuple[str, str, str]:
+    """``pggeolearn train``'s defaults on the Banepa chips for ``epochs`` (seed 0, CPU) as
+    ``bench_trained``, and ``bench_untrained``: its record with fresh seeded weights.
+    Returns the two names and a description."""
+    from pggeolearn import training
+    from pggeolearn.training import registry
+
+    t0 = time.perf_counter()
+    rep = training.train(dsn, "banepa", "bench_trained", epochs=epochs, seed=0, device="cpu", overwrite=True,
+                         progress=False)
+    seconds = time.perf_counter() - t0
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        rec = registry.get(conn, "bench_trained")
+        if rec.framework == "torch":
+            from pggeolearn.training.models_torch import TorchModel as Model
+        else:
+            from pggeolearn.training.models_mx import MxModel as Model
+        fresh = Model(rec.arch, "cpu", seed=0, normalization=rec.normalization, train=False).get_weights()
+        registry.save(conn, dataclasses.replace(rec, name="bench_untrained", weights=fresh, metrics={},
+                                                best_epoch=None), overwrite=True)
+    a = rec.arch
+    about = (f"U-Net width {a.width} depth {a.depth} ({rec.framework}, CPU), trained {len(rep.history)} epochs "
+             f"in {seconds:.0f} s: val mIoU {rep.best.miou:.3f} (best epoch {rep.best_epoch})")
+    return "bench_trained", "bench_untrained", about
 
 
 def trained_model(conn: psycopg.Connection, path: str) -> tuple[str, str]:
     """An exported model file (registry.export) imported into the scratch database."""
     from pggeolearn.training import registry
 
-    rec = registry.import_file(conn, path, name="bench_trained", overwrite=True)
+    rec = registry.import_file(conn, path, name="bench_file", overwrite=True)
     a = rec.architecture
-    return "bench_trained", (f"trained registry U-Net width {a.get('width')} depth {a.get('depth')} "
-                             f"({rec.framework} CPU, {Path(path).name})")
+    return "bench_file", (f"{Path(path).name} (U-Net width {a.get('width')} depth {a.get('depth')}, "
+                          f"{rec.framework} CPU)")
 
 
-def registry_model(conn: psycopg.Connection, res: float, srid: int):
-    """(model spec for predict, label)."""
-    try:
-        import torch
-
-        from pggeolearn.training import models_torch, registry
-    except ImportError:
-        return NumpyConv(res, srid), "STAND-IN numpy conv (registry/torch unavailable)"
-    arch = registry.Architecture(in_channels=3, num_classes=2)
-    torch.manual_seed(0)
-    net = models_torch.build(arch)
-    registry.save(conn, registry.ModelRecord(
-        name="bench_unet", dataset="-", recipe_hash="-", framework="torch", architecture=arch.to_json(),
-        hyperparameters={}, classes={0: "background", 1: "building"},
-        normalization={"mean": [120.0] * 3, "std": [50.0] * 3}, tile_px=256, resolution=res,
-        srid=srid, bands=3, weights=models_torch.weights_to_bytes(net), metrics={}), overwrite=True)
-    return "bench_unet", (f"registry U-Net width {arch.width} depth {arch.depth} (torch CPU, "
-                          "untrained weights: same compute)")
-
-
-def bench_predict(dsn: str, model, extent, repeat: int, **kw) -> tuple[float, predict.PredictReport]:
+def bench_predict(dsn: str, model, imagery: str, extent, repeat: int, **kw) -> tuple[float, predict.PredictReport]:
     best, rep = float("inf"), None
     for _ in range(repeat):
         t0 = time.perf_counter()
-        rep = predict.predict(dsn, model, out="public.bench_out", imagery="public.bench_img", extent=extent,
-                              overwrite=True, progress=False, **kw)
+        rep = predict.predict(dsn, model, out="public.bench_out", imagery=imagery, extent=extent,
+                              grid_origin=(extent[0], extent[3]), overwrite=True, progress=False, **kw)
         best = min(best, time.perf_counter() - t0)
     return best, rep
 
@@ -184,47 +185,62 @@ def write_rate(conn: psycopg.Connection, tiles: list[bytes], how: str, repeat: i
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description="Prediction throughput and class-mask write-back rate "
+                                             "(python benchmarks/bench_predict.py; details: the module docstring)")
     ap.add_argument("--dsn")
+    ap.add_argument("--epochs", type=int, default=5, help="training epochs of the trained U-Net [5]")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--writes", type=int, default=2048, help="masks per write test")
     ap.add_argument("--model-file", help="also benchmark this exported model (pggeolearn.training.registry.export)")
     args = ap.parse_args()
-    print(conditions())  # commit, cores, cores free, load: beside every table
-    print(f"load average: {os.getloadavg()[0]:.2f} (2 cores)")
+    print(conditions(), flush=True)  # commit, cores, cores free, load: beside every table
     with scratch_database(args.dsn) as dsn, psycopg.connect(dsn, autocommit=True) as conn:
-        what, _ = load_scene(conn)
-        (res, srid) = conn.execute("SELECT scale_x, srid FROM raster_columns WHERE r_table_name = 'bench_img'"
-                                   ).fetchone()
-        ext = conn.execute("SELECT ST_XMin(e), ST_YMin(e), ST_XMax(e), ST_YMax(e) FROM "
-                           "(SELECT ST_Extent(ST_Envelope(rast)) e FROM public.bench_img) s").fetchone()
-        print(f"scene: {what}")
-        rows = []
-        runs = [("constant (no inference, no objects)", Trivial(res, srid), {"vectorize": True}),
+        banepa = (BANEPA / "labels").is_dir()
+        imagery = load_banepa(dsn) if banepa else load_synthetic(conn)
+        schema, table = imagery.split(".")
+        res, srid = conn.execute("SELECT scale_x, srid FROM raster_columns WHERE r_table_schema = %s "
+                                 "AND r_table_name = %s", [schema, table]).fetchone()
+        ext = conn.execute(sql.SQL("SELECT ST_XMin(e), ST_YMin(e), ST_XMax(e), ST_YMax(e) FROM "
+                                   "(SELECT ST_Extent(ST_Envelope(rast)) e FROM {}) s").format(
+                                       sql.Identifier(schema, table))).fetchone()
+        print(f"scene: {'Banepa predict block' if banepa else 'synthetic scene (seed 3; no Banepa data)'} "
+              f"{imagery}, {round((ext[2] - ext[0]) / res)} x {round((ext[3] - ext[1]) / res)} px", flush=True)
+        runs = [("constant (no inference, no objects)", Trivial(res, srid), {}),
                 ("threshold (no inference), no polygons", Threshold(res, srid), {"vectorize": False}),
-                ("threshold (no inference), polygons", Threshold(res, srid), {"vectorize": True})]
-        model, label = registry_model(conn, res, srid)
-        runs.append((label, model, {"vectorize": True, "device": "cpu"}))
+                ("threshold (no inference), polygons", Threshold(res, srid), {})]
+        if banepa:
+            trained, untrained, about = train_unets(dsn, args.epochs)
+            print(f"model: {about}", flush=True)
+            runs += [("untrained U-Net, every object", untrained, {"min_pixels": 0}),
+                     ("untrained U-Net, --min-pixels 4 (default)", untrained, {}),
+                     ("trained U-Net, every object", trained, {"min_pixels": 0}),
+                     ("trained U-Net, --min-pixels 4 (default)", trained, {})]
+        else:
+            print("no U-Net rows: they train on the Banepa labels, not found in " + str(BANEPA))
         if args.model_file:
-            model, label = trained_model(conn, args.model_file)
-            runs.append((label, model, {"vectorize": True, "device": "cpu"}))
-        for name, m, kw in runs:
-            repeat = args.repeat if isinstance(m, Trivial) and not isinstance(m, NumpyConv) else 1
-            secs, rep = bench_predict(dsn, m, ext, repeat, **kw)
+            name, label = trained_model(conn, args.model_file)
+            runs.append((label, name, {}))
+        rows = []
+        for label, m, kw in runs:
+            kw = {"device": "cpu", **kw} if isinstance(m, str) else kw
+            secs, rep = bench_predict(dsn, m, imagery, ext, args.repeat if not isinstance(m, str) else 1, **kw)
             t = rep.timing
-            n_obj = str(rep.polygons) if kw.get("vectorize") else "-"
-            rows.append([name, rep.tiles, n_obj, f"{secs:.2f}", f"{rep.tiles / secs:.1f}",
-                         f"{rep.windows_predicted / secs:.1f}", f"{t['read']:.2f}", f"{t['predict']:.2f}",
-                         f"{t['write']:.2f}", f"{t['vectorize']:.2f}", f"{t['finalize']:.2f}"])
-        base = float(rows[2][4])
+            polygons = kw.get("vectorize", True)
+            rows.append([label, rep.tiles, rep.polygons if polygons else "-", rep.dropped if polygons else "-",
+                         f"{secs:.2f}", f"{rep.tiles / secs:.1f}", f"{t['predict']:.2f}", f"{t['stitch']:.2f}",
+                         f"{t['vectorize']:.2f}", f"{t['write']:.2f}", f"{t['finalize']:.2f}",
+                         f"{t['read wait']:.2f}"])
+            print(f"  {label}: {secs:.1f} s", flush=True)
+        base = next((float(r[5]) for r in rows if r[0] == "untrained U-Net, every object"), float(rows[2][5]))
         for r in rows:
-            r.append(f"{float(r[4]) / base:.2f}x")
-        print_table("predict end to end (256 px windows, overlap 32, centre stitching)",
-                    ["model", "tiles", "objects", "seconds", "tiles/s", "windows/s", "read s", "predict s",
-                     "write s", "vectorize s", "finalize s", "vs threshold+polygons"], rows)
+            r.append(f"{float(r[5]) / base:.2f}x")
+        print_table("predict end to end (256 px windows, overlap 32, centre stitching; seconds of the run)",
+                    ["model", "tiles", "objects", "left out", "seconds", "tiles/s", "model", "stitch",
+                     "vectorize", "write", "finalize", "imagery wait",
+                     "vs untrained, every object" if banepa else "vs threshold+polygons"], rows)
 
         # realistic masks: the threshold model's class tiles (bright roofs and roads)
-        predict.predict(dsn, Threshold(res, srid), out="public.bench_out", imagery="public.bench_img",
+        predict.predict(dsn, Threshold(res, srid), out="public.bench_out", imagery=imagery,
                         extent=ext, overwrite=True, progress=False, vectorize=False)
         tiles = masks(conn, args.writes)
         wrows = []
@@ -240,7 +256,7 @@ def main() -> None:
             r.append(f"{float(r[1]) / naive:.1f}x")
         print_table(f"writing 256 x 256 8BUI class masks ({args.writes} per run, best of {args.repeat})",
                     ["method", "masks/s", "table MB", "vs naive"], wrows)
-    print(f"\nload average after: {os.getloadavg()[0]:.2f}")
+    print("\n" + conditions())
 
 
 if __name__ == "__main__":

@@ -25,8 +25,10 @@ from pggeolearn.cli.context import Context, pass_ctx
               help="Class raster table; OUT_prob and OUT_polygons are written beside it.")
 @click.option("--polygons", default=None, metavar="SCHEMA.NAME", help="Polygon table [OUT_polygons].")
 @click.option("--no-polygons", is_flag=True, help="Do not vectorize.")
-@click.option("--min-pixels", type=click.IntRange(1, None), default=4, show_default=True,
-              help="Polygons: leave out smaller objects, fill smaller holes (the raster keeps them).")
+@click.option("--min-pixels", type=int, default=4, show_default=True, metavar="N",
+              help="Polygons: leave out objects of fewer pixels before vectorizing (an object across "
+                   "tile borders counts whole) and fill smaller holes; 0 keeps all. The class raster "
+                   "keeps every pixel the model gave.")
 @click.option("--probabilities", is_flag=True,
               help="Also write OUT_prob: one 8BUI band per class, p = value / 254.")
 @click.option("--overlap", type=click.IntRange(0, 4095), default=None,

@@ -10,14 +10,16 @@
 * ``out_polygons`` (``vectorize=True``, name configurable): **one polygon per connected object**
   (4-connected pixels of one class) merged across tile borders, simplified by half a pixel,
   valid, with ``class_id``, ``class_name``, ``area_m2``, ``pixels``, ``mean_prob``, ``model``,
-  ``run_id``; objects under ``min_pixels`` (4) pixels left out, smaller holes filled;
+  ``run_id``; objects under ``min_pixels`` (4) pixels left out before vectorizing (judged
+  whole across tile borders; 0 keeps all), smaller holes filled; the class raster keeps them;
 
 and one row in ``pggeolearn.runs`` (kind ``predict``, status running -> done | failed). All in
 one transaction: an existing output is :class:`~pggeolearn.errors.AlreadyExists` unless
 ``overwrite`` (replace, atomically) or ``append``. Memory holds one row band of imagery and
 ``tile_px + window`` rows of probabilities by the extent's width, never the extent.
 
-Modules: :mod:`.model` (the model contract), :mod:`.grid`, :mod:`.stitch`, :mod:`.polygons`,
+Modules: :mod:`.model` (the model contract), :mod:`.grid`, :mod:`.stitch`, :mod:`.components`,
+:mod:`.polygons`,
 :mod:`.source` (imagery), :mod:`.plan`, :mod:`.sink` (writing), :mod:`.options`, :mod:`.run`
 (:func:`predict`).
 """

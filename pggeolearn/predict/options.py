@@ -56,8 +56,9 @@ class PredictOptions:
             raise errors.ConfigError(f"stitch must be one of {', '.join(STITCH_MODES)}, not {self.stitch!r}")
         if not isinstance(self.batch_size, int) or not 1 <= self.batch_size <= 4096:
             raise errors.ConfigError(f"batch size must be 1..4096, not {self.batch_size!r}")
-        if not isinstance(self.min_pixels, int) or self.min_pixels < 1:
-            raise errors.ConfigError(f"min pixels must be an integer >= 1, not {self.min_pixels!r}")
+        if not isinstance(self.min_pixels, int) or isinstance(self.min_pixels, bool) or self.min_pixels < 0:
+            raise errors.ConfigError(f"min pixels must be a whole number of pixels >= 0 (0 keeps every object), "
+                                     f"not {self.min_pixels!r}")
         if not isinstance(self.tile_px, int) or not 16 <= self.tile_px <= 4096:
             raise errors.ConfigError(f"output tile size must be 16..4096 pixels, not {self.tile_px!r}")
         if (self.extent is None) == (self.dataset is None):

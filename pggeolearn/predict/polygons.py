@@ -1,6 +1,7 @@
-"""Polygons from the class raster: each output tile is vectorized on the client
-(``rasterio.features.shapes``, 4-connected pixels of one class are one piece); pieces that share
-an edge across a tile border are joined by a union-find over the border pixels, and the server
+"""Polygons from the class raster: each output tile is labelled on the client (4-connected
+pixels of one class are one piece, :mod:`.components`), pieces under ``min_pixels`` inside the
+tile are left out, the rest vectorized (``rasterio.features.shapes``); pieces that share an edge
+across a tile border are joined by a union-find over the border pixels, and the server
 dissolves each group (``sql/predict_polygons.sql``, written by :mod:`.sink`)."""
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from pggeolearn.predict.components import label_components
 from pggeolearn.predict.grid import NODATA, Grid
 
 __all__ = ["Pieces"]
@@ -57,27 +59,40 @@ class _UnionFind:
             p = q
 
 
-def _vectorize(cls_tile: np.ndarray, prob_tile: np.ndarray) -> tuple[list[dict], np.ndarray,
-                                                                      np.ndarray, np.ndarray, np.ndarray]:
-    """Pieces of one tile in pixel coordinates: (geojson geoms, class ids, local label image,
-    pixel counts, probability sums). A piece = one 4-connected component of one class."""
+def _vectorize(cls_tile: np.ndarray, prob_tile: np.ndarray, min_pixels: int
+               ) -> tuple[list[dict], np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
+    """Pieces of one tile in pixel coordinates: (geojson geoms, class ids, local label image
+    (0: no piece, k: geoms[k - 1]), pixel counts, probability sums, pieces left out). A piece is
+    one 4-connected component of one class; components under ``min_pixels`` that touch no tile
+    border are left out before anything is vectorized."""
     from rasterio import features
     from rasterio.transform import Affine
 
-    mask = (cls_tile != 0) & (cls_tile != NODATA)
-    if not mask.any():
-        return [], np.zeros(0, np.int32), np.zeros(cls_tile.shape, np.int32), np.zeros(0), np.zeros(0)
+    comp, comp_class = label_components(cls_tile, (0, NODATA))
+    n = len(comp_class)
+    if not n:
+        return [], np.zeros(0, np.int32), np.zeros(cls_tile.shape, np.int32), np.zeros(0), np.zeros(0), 0
+    size = np.bincount(comp.ravel(), minlength=n + 1)
+    keep = size >= min_pixels
+    keep[np.concatenate([comp[0], comp[-1], comp[:, 0], comp[:, -1]])] = True  # judged once joined
+    keep[0] = False
+    new_id = np.zeros(n + 1, np.int32)
+    new_id[keep] = np.arange(1, int(keep.sum()) + 1)
+    labels = new_id[comp]
+    kept = int(keep.sum())
+    if not kept:
+        return [], np.zeros(0, np.int32), labels, np.zeros(0), np.zeros(0), n
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # identity transform: NotGeoreferencedWarning
-        shapes = list(features.shapes(cls_tile, mask=mask, connectivity=4, transform=Affine.identity()))
-        geoms = [g for g, _ in shapes]
-        labels = features.rasterize(((g, i + 1) for i, g in enumerate(geoms)), out_shape=cls_tile.shape,
-                                    fill=0, dtype="int32", transform=Affine.identity())
-    n = len(geoms)
+        # each label is one 4-connected component: one shape per label, its value the label
+        shapes = features.shapes(labels, mask=labels > 0, connectivity=4, transform=Affine.identity())
+        geoms: list[dict] = [{}] * kept
+        for g, v in shapes:
+            geoms[int(v) - 1] = g
     flat = labels.ravel()
-    px = np.bincount(flat, minlength=n + 1)[1:]
-    psum = np.bincount(flat, weights=prob_tile.ravel().astype(np.float64), minlength=n + 1)[1:]
-    return geoms, np.array([int(v) for _, v in shapes], np.int32), labels, px, psum
+    px = np.bincount(flat, minlength=kept + 1)[1:]
+    psum = np.bincount(flat, weights=prob_tile.ravel().astype(np.float64), minlength=kept + 1)[1:]
+    return geoms, comp_class[keep[1:]].astype(np.int32), labels, px, psum, n - kept
 
 
 def _ring_area(ring: Sequence[Sequence[float]]) -> float:
@@ -100,8 +115,10 @@ class Pieces:
     """Vectorizes output tiles, staging pieces for the server and joining them across borders.
 
     Pieces that touch no tile border are whole objects: those smaller than ``min_pixels`` are
-    dropped here (noise never reaches the server). Holes smaller than ``min_pixels`` are filled.
-    Groups of border pieces smaller than ``min_pixels`` in total are dropped by the server.
+    left out before vectorizing (noise costs one labelling pass, never a polygon). Pieces on a
+    tile border are judged by the size of their group once joined: groups smaller than
+    ``min_pixels`` in total are dropped by the server. Holes smaller than ``min_pixels`` are
+    filled. ``min_pixels`` 0 or 1 keeps every piece.
     """
 
     def __init__(self, grid: Grid, tile_px: int, min_pixels: int = 1) -> None:
@@ -126,7 +143,8 @@ class Pieces:
                  ) -> list[tuple[int, int, int, float, bytes]]:
         import shapely
 
-        geoms, classes, labels, px, psum = _vectorize(cls_tile, prob_tile)
+        geoms, classes, labels, px, psum, dropped = _vectorize(cls_tile, prob_tile, self.min_pixels)
+        self.dropped += dropped
         if not geoms:
             self.left_edge = None
             return []
@@ -146,23 +164,17 @@ class Pieces:
                     self.uf.union_pairs(aa[keep], bb[keep])
         self.left_edge = ids[:, -1].copy()
         self.cur_bottom[col0:col0 + ids.shape[1]] = ids[-1, :]
-        on_border = np.zeros(len(geoms) + 1, bool)
-        on_border[np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]])] = True
-        keep = np.flatnonzero(on_border[1:] | (px >= self.min_pixels))
-        self.dropped += len(geoms) - len(keep)
-        if not len(keep):
-            return []
-        shp = shapely.from_geojson([json.dumps(_fill_small_holes(geoms[i], self.min_pixels)) for i in keep])
+        shp = shapely.from_geojson([json.dumps(_fill_small_holes(g, self.min_pixels)) for g in geoms])
         g = self.grid
         # world coordinates from GLOBAL pixel indices: a border vertex gets bit-identical
         # coordinates from both tiles, so their pieces share the edge exactly
         offset, scale, origin = np.array([col0, row0]), np.array([g.res, -g.res]), np.array([g.x0, g.y0])
         shp = shapely.transform(shp, lambda xy: (xy + offset) * scale + origin)
         blobs = shapely.to_wkb(shp)
-        self.count += len(keep)
-        self.staged.append(first + keep)
-        return [(first + int(i), int(classes[i]), int(px[i]), float(psum[i]), bytes(blob))
-                for i, blob in zip(keep, blobs, strict=True)]
+        self.count += len(geoms)
+        self.staged.append(np.arange(first, first + len(geoms)))
+        return [(first + i, int(classes[i]), int(px[i]), float(psum[i]), bytes(blob))
+                for i, blob in enumerate(blobs)]
 
     def _remember_classes(self, first: int, classes: np.ndarray) -> None:
         need = first + len(classes)

@@ -53,7 +53,7 @@ class PredictReport:
     polygons: int = 0
     pieces: int = 0
     min_pixels: int = 1
-    dropped: int = 0  # objects inside one tile smaller than min_pixels
+    dropped: int = 0  # objects inside one tile smaller than min_pixels, never vectorized
     appended: bool = False
     overviews: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
@@ -77,9 +77,11 @@ class PredictReport:
             lines.append(f"probabilities {self.prob_out}: one 8BUI band per class, "
                          f"p = value / {PROB_SCALE}, NODATA {NODATA}")
         if self.polygons_out:
+            kept = (f"objects under {self.min_pixels} px left out ({self.dropped} inside tiles, before "
+                    f"vectorizing), holes under {self.min_pixels} px filled" if self.min_pixels > 1
+                    else "every object kept")
             lines.append(f"polygons {self.polygons_out}: {self.polygons} objects (from {self.pieces} "
-                         f"tile pieces merged across tile borders); objects under {self.min_pixels} px "
-                         f"left out ({self.dropped} inside tiles), holes under {self.min_pixels} px filled")
+                         f"tile pieces merged across tile borders); {kept}")
         lines += [f"note: {n}" for n in self.notes]
         if self.timing:
             lines.append("time: " + ", ".join(f"{k} {v:.1f} s" for k, v in self.timing.items()))
@@ -112,13 +114,14 @@ def predict(dsn_or_conn: psycopg.Connection | str | None, model: str | Predictor
     ``tile`` relation (``tile_geom``, ``tile_rast``, ``tile_srid``, ``tile_res``) like a
     recipe's image SQL. ``out``: the class raster table; ``out_prob`` and ``out_polygons``
     (or ``polygons``) beside it. ``overlap`` defaults to 32 pixels (at most a quarter of the
-    model's window). ``min_pixels``: smaller objects are left out of the polygon table and
-    smaller holes filled (the class raster keeps every pixel). The output grid is the model's
-    dataset's (origin and exact resolution, so predictions fall on the chips' pixels) when the
-    model has one in the same CRS and pixel size; else the imagery's own grid when it is the
-    model's; else pixel edges on multiples of the resolution. ``grid_origin`` (x, y) says
-    otherwise. The outputs: the package docstring; stitching: :mod:`.stitch`; reading and
-    memory: :mod:`.source`; writing and atomicity: :mod:`.sink`.
+    model's window). ``min_pixels`` (4; 0 keeps all): objects of fewer pixels (an object
+    across tile borders counted whole) are left out of the polygon table before they are
+    vectorized, and smaller holes filled; the class raster keeps every pixel the model gave.
+    The output grid is the model's dataset's (origin and exact resolution, so predictions fall
+    on the chips' pixels) when the model has one in the same CRS and pixel size; else the
+    imagery's own grid when it is the model's; else pixel edges on multiples of the resolution.
+    ``grid_origin`` (x, y) says otherwise. The outputs: the package docstring; stitching:
+    :mod:`.stitch`; reading and memory: :mod:`.source`; writing and atomicity: :mod:`.sink`.
     """
     started = time.perf_counter()
     try:
@@ -201,7 +204,7 @@ def _execute(dsn: str | None, plan: Plan, names: OutputNames, report: PredictRep
             writer.create(names.out[0])
             reader = BandReader(dsn, plan.imagery, g, st, p, needed_w.any(axis=1).tolist(), opts.timeout_s).start()
             try:
-                predict_s, wait_s = _predict_windows(st, needed_w, reader, writer, p, report, opts)
+                predict_s, wait_s, stitch_s = _predict_windows(st, needed_w, reader, writer, p, report, opts)
             finally:
                 reader.close()
             report.tiles, report.tiles_empty = writer.tiles, writer.empty
@@ -218,18 +221,18 @@ def _execute(dsn: str | None, plan: Plan, names: OutputNames, report: PredictRep
             report.appended = opts.append
             finalize_s = time.perf_counter() - t2
             report.timing = {"read": reader.seconds, "read wait": wait_s, "predict": predict_s,
-                             "write": writer.write_s, "vectorize": writer.vector_s,
+                             "stitch": stitch_s, "write": writer.write_s, "vectorize": writer.vector_s,
                              "finalize": finalize_s}
             report.seconds = time.perf_counter() - started
             runs.finish(w, report.run_id, report.outputs())
 
 
 def _predict_windows(st: Stitcher, needed_w: np.ndarray, reader: BandReader, writer: Writer, p: Predictor,
-                     report: PredictReport, opts: PredictOptions) -> tuple[float, float]:
+                     report: PredictReport, opts: PredictOptions) -> tuple[float, float, float]:
     """Every needed window through the model, row band by row band, each finished tile row to
-    the writer: (seconds in the model, seconds waiting for imagery)."""
+    the writer: (seconds in the model, seconds waiting for imagery, seconds stitching)."""
     n_classes = len(p.classes)
-    predict_s = wait_s = 0.0
+    predict_s = wait_s = stitch_s = 0.0
     bar = tqdm(total=report.windows, unit="window", desc=f"predict {report.out}",
                disable=not opts.progress, leave=False)
     try:
@@ -248,13 +251,19 @@ def _predict_windows(st: Stitcher, needed_w: np.ndarray, reader: BandReader, wri
                     x = np.ascontiguousarray(np.stack([img[:, :, c * S:c * S + P] for c in chunk]))
                     t1 = time.perf_counter()
                     y = call_model(p, x, n_classes)
-                    predict_s += time.perf_counter() - t1
+                    t2 = time.perf_counter()
+                    predict_s += t2 - t1
                     for c, probs in zip(chunk, y, strict=True):
                         st.add(r, c, probs, valid[:, c * S:c * S + P])
+                    stitch_s += time.perf_counter() - t2
                     report.windows_predicted += len(chunk)
                     bar.update(len(chunk))
+            t3 = time.perf_counter()
             for row0, probs, valid_rows in st.finish_row(r):
+                stitch_s += time.perf_counter() - t3
                 writer.tile_row(row0, probs, valid_rows)
+                t3 = time.perf_counter()
+            stitch_s += time.perf_counter() - t3
     finally:
         bar.close()
-    return predict_s, wait_s
+    return predict_s, wait_s, stitch_s

@@ -103,6 +103,9 @@ def test_predict_errors_are_one_line(db_dsn, imagery):
         "error: table public.pred already exists: pass --overwrite to replace it or --append to add to it"]
     r = run(*args[:-1], "--dataset", "x", *extent_args())
     assert r.returncode == 1 and "exactly one of an extent" in r.stderr
+    r = run(*args, *extent_args(), "--overwrite", "--min-pixels", "-1")
+    assert r.returncode == 1 and r.stderr.strip().splitlines() == [
+        "error: min pixels must be a whole number of pixels >= 0 (0 keeps every object), not -1"]
 
 
 def test_evaluate_prints_scores_and_writes_the_layer(db_dsn, imagery, tmp_path):

@@ -232,6 +232,72 @@ def test_min_pixels_drops_specks_and_fills_pinholes(conn, db_dsn):
                         ).fetchone()[0] == 2
 
 
+def speckled(noise: bool) -> tuple[np.ndarray, int]:
+    """128 x 128 px for 32 px output tiles: a building across a tile corner, one inside a tile,
+    a 6 px object split 3 + 3 by a tile border and a 2 px one split 1 + 1; with ``noise`` also
+    a lattice of 1, 2 and 3 px specks inside tiles (none touching anything). Returns (imagery,
+    number of specks)."""
+    data = np.full((3, 128, 128), 30, np.uint8)
+    data[:, 20:50, 20:45] = 230  # 750 px across the tile corner at (32, 32)
+    data[:, 70:90, 100:120] = 230  # 400 px inside one tile
+    data[:, 95:97, 40:43] = 230  # 6 px: 3 above and 3 below the tile border at row 96
+    data[:, 10, 63:65] = 230  # 2 px: 1 left and 1 right of the tile border at column 64
+    specks = 0
+    if noise:
+        for k, (r, c) in enumerate((r, c) for r in range(4, 128, 6) for c in range(4, 128, 6)):
+            if not (1 <= r % 32 <= 28 and 1 <= c % 32 <= 28) or (data[:, r - 2:r + 4, c - 2:c + 4] == 230).any():
+                continue
+            data[:, r, c] = 230
+            if k % 3 >= 1:
+                data[:, r, c + 1] = 230
+            if k % 3 == 2:
+                data[:, r + 1, c] = 230
+            specks += 1
+    return data, specks
+
+
+def test_min_pixels_leaves_noise_out_before_vectorizing(conn, db_dsn):
+    """Speckle noise yields no polygon under min_pixels; the objects that stay have exactly the
+    geometry they have without the noise; objects split by tile borders are judged by their
+    whole size (6 px = 3 + 3 stays, 2 px = 1 + 1 goes); the raster keeps every pixel."""
+    kw = dict(imagery="public.img", extent=extent_of(*UL, 128, 128), overlap=8, tile_px=32, progress=False)
+    clean, _ = speckled(noise=False)
+    load_array(conn, "public.img", clean, tile=64)
+    predict.predict(db_dsn, BrightnessPredictor(), out="public.clean", **kw)
+    noisy, specks = speckled(noise=True)
+    assert specks > 200
+    conn.execute("DROP TABLE public.img")
+    load_array(conn, "public.img", noisy, tile=64)
+    rep = predict.predict(db_dsn, BrightnessPredictor(), out="public.out", **kw)
+    assert (rep.polygons, rep.dropped, rep.min_pixels) == (3, specks, 4)
+    shapes = "SELECT pixels, ST_AsBinary(geom) FROM public.{} ORDER BY pixels"
+    got = conn.execute(shapes.format("out_polygons")).fetchall()
+    assert [r[0] for r in got] == [6, 400, 750]
+    assert got == conn.execute(shapes.format("clean_polygons")).fetchall()
+    assert (read_raster(conn, "public.out", rep.grid) == 1).sum() == (noisy[0] == 230).sum()
+
+    # 0 keeps every object: one per 4-connected component of the whole raster (GDAL counts them)
+    from rasterio import features
+
+    rep0 = predict.predict(db_dsn, BrightnessPredictor(), out="public.out", overwrite=True, min_pixels=0, **kw)
+    cls = read_raster(conn, "public.out", rep0.grid)
+    n = sum(1 for _ in features.shapes(cls, mask=cls == 1, connectivity=4))
+    assert rep0.polygons == n == 3 + 1 + specks and rep0.dropped == 0
+    assert "every object kept" in str(rep0) and f"objects under 4 px left out ({specks} inside tiles" in str(rep)
+    sizes = conn.execute("SELECT pixels, count(*) FROM public.out_polygons GROUP BY 1 ORDER BY 1").fetchall()
+    assert [s for s, _ in sizes] == [1, 2, 3, 6, 400, 750]
+    assert conn.execute("SELECT bool_and(ST_IsValid(geom)) FROM public.out_polygons").fetchone()[0]
+
+
+def test_bad_min_pixels_is_one_line():
+    for bad in (-1, 2.5, True, "4"):
+        with pytest.raises(errors.ConfigError) as e:
+            predict.predict(None, BrightnessPredictor(), out="public.out", imagery="public.img",
+                            extent=(0, 0, 1, 1), min_pixels=bad)
+        assert str(e.value) == (f"min pixels must be a whole number of pixels >= 0 (0 keeps every object), "
+                                f"not {bad!r}")
+
+
 # -- imagery: gaps, other grids ---------------------------------------------------------------------
 
 
