@@ -11,6 +11,10 @@ EXTERNAL). Rows, all reading the same chips into ``(N, C, H, W)`` + ``(N, H, W)`
 * raw COPY: ``COPY (SELECT ST_AsBinary(image), ST_AsBinary(label) ...) TO STDOUT (FORMAT BINARY)``
   read with psycopg and thrown away: the limit of one connection;
 * GeoStream over COPY and over a binary server-side cursor (shuffled, decoded into batches);
+* the COPY rows GeoStream reads (its statement, chunks of 1,024 ids, every chip WKB-decoded),
+  parsed by our ``CopyParser`` (memoryviews into the messages) and by psycopg's own binary COPY
+  parsing (``copy.set_types(["int4", "bytea", "bytea"])`` + ``copy.rows()``): which parser the
+  transport should use;
 * the adapters: MXNet GeoIter (NDArrays, normalized) and the PyTorch loader, 0 and 2 workers;
 * the original design's loop: SQLAlchemy, one ``SELECT ST_AsBinary(...) LIMIT/OFFSET`` per batch,
   a per-row struct + ``np.frombuffer(...).copy()`` parse (text protocol, as SQLAlchemy sends it);
@@ -45,7 +49,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from _common import conditions, print_table, scratch_database  # noqa: E402
 
 from pggeolearn import wkb  # noqa: E402
+from pggeolearn.resources import sql_text  # noqa: E402
 from pggeolearn.stream import GeoStream  # noqa: E402
+from pggeolearn.stream.transport import CopyParser  # noqa: E402
 
 PX, BANDS, BATCH = 256, 3, 32
 SCENE_PX = 1024  # 16 distinct tiles, repeated
@@ -77,9 +83,9 @@ def fill(dsn: str, name: str, n: int, tiles: list) -> None:
     size = ncols * PX * 0.5
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute(
-            "INSERT INTO pggeolearn.datasets (name, srid, resolution, tile_px, minx, miny, maxx,"
-            " maxy, image_sql, label_sql, classes, recipe, recipe_hash) VALUES (%s, 3857, 0.5, %s,"
-            " 0, 0, %s, %s, 'SELECT NULL::raster AS rast', 'SELECT NULL::geometry AS geom,"
+            "INSERT INTO pggeolearn.datasets (name, version, srid, resolution, tile_px, minx, miny,"
+            " maxx, maxy, image_sql, label_sql, classes, recipe, recipe_hash) VALUES (%s, 1, 3857, 0.5,"
+            " %s, 0, 0, %s, %s, 'SELECT NULL::raster AS rast', 'SELECT NULL::geometry AS geom,"
             " 1 AS class_id', %s, '{}', 'bench')",
             [name, PX, size, size, json.dumps({"1": "road", "2": "building"})])
         conn.execute("CREATE TEMP TABLE stage (tile_id int, image bytea, label bytea)")
@@ -113,6 +119,30 @@ def raw_copy(dsn: str, name: str) -> int:
         for _ in cp:
             n += 1
     return n - 1  # the trailer
+
+
+def copy_rows(dsn: str, name: str, parser: str) -> int:
+    """GeoStream's COPY statement over every chip in chunks of 1,024 ids, the rows parsed by
+    ``parser`` (``"ours"``: CopyParser; ``"psycopg"``: set_types + rows()), each chip decoded."""
+    statement = f"COPY ({sql_text('stream_chips')}) TO STDOUT (FORMAT BINARY)"
+    n = 0
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        ids = [r[0] for r in conn.execute(
+            "SELECT tile_id FROM pggeolearn.chips WHERE dataset = %s ORDER BY tile_id", [name])]
+        for k in range(0, len(ids), 1024):
+            params = {"ids": ids[k:k + 1024], "dataset": name}
+            with conn.cursor() as cur, cur.copy(statement, params) as cp:
+                if parser == "ours":
+                    cop = CopyParser()
+                    rows = (row for msg in cp for row in cop.rows(msg))
+                else:
+                    cp.set_types(["int4", "bytea", "bytea"])
+                    rows = cp.rows()
+                for _tile_id, image, label in rows:
+                    wkb.decode(image)
+                    wkb.decode(label)
+                    n += 1
+    return n
 
 
 def geostream(dsn: str, name: str, **kw) -> int:
@@ -295,6 +325,10 @@ def main() -> None:
             ("raw COPY of ST_AsBinary(image, label), discarded (the limit)",
              lambda: raw_copy(dsn, "bench"), r),
             ("GeoStream, COPY (shuffled batches of 32)", lambda: geostream(dsn, "bench"), r),
+            ("COPY rows parsed by our CopyParser (GeoStream's), WKB-decoded",
+             lambda: copy_rows(dsn, "bench", "ours"), r),
+            ("COPY rows parsed by psycopg (set_types + rows()), WKB-decoded",
+             lambda: copy_rows(dsn, "bench", "psycopg"), r),
             ("GeoStream, binary server-side cursor",
              lambda: geostream(dsn, "bench", transport="cursor"), r),
             ("GeoStream, COPY, 2 connections in parallel",
@@ -329,6 +363,9 @@ def main() -> None:
             [[label, n, f"{rate:,.0f}", f"{rate / ref:.2f}"] for label, rate, n in results])
         rate = dict((label.split(":")[0].split(" (")[0], v) for label, v, _ in results)
         raw, orig = results[0][1], rate["original loop"]
+        ours, theirs = results[2][1], results[3][1]
+        print(f"\nCOPY parsing: our CopyParser {ours:,.0f} chips/s, psycopg's rows() {theirs:,.0f} "
+              f"chips/s: ours = {ours / theirs:.2f}x psycopg's")
         png = rate["PNG folder read back with rasterio"]
         print(f"\ntargets: GeoStream/raw COPY = {ref / raw:.0%} (>= 70 %), "
               f"GeoStream/original loop = {ref / orig:.1f}x (>= 10x), "

@@ -8,8 +8,9 @@
   ``pggeolearn.image_tile()/label_tile()`` over READ ONLY connections (``sql/stream_live.sql``).
 * **Replicas.** With several DSNs (a primary and its read replicas) each shard reads from
   ``dsn[shard % len(dsn)]`` (:func:`read_dsn`).
-* **Parallel connections.** ``connections > 1`` fetches groups of chips concurrently and
-  still delivers them in order.
+* **Parallel connections.** ``connections > 1`` (and live mode) fetches groups of chips
+  concurrently, each thread holding one connection of a ``psycopg_pool`` pool
+  (:func:`pggeolearn.db.connect.pool`) for the epoch, and still delivers them in order.
 * **Faults.** A lost connection (``pg_terminate_backend``, server restart) is resumed from the
   next undelivered chip of the epoch order: no duplicate, no drop, retried with backoff over
   a :class:`pggeolearn.retry.Window`. ``statement_timeout`` (QueryCanceled) is never retried:
@@ -37,7 +38,7 @@ import psycopg
 from psycopg import sql
 
 from pggeolearn import errors, retry
-from pggeolearn.db.connect import connect
+from pggeolearn.db.connect import CONNECT_TIMEOUT_S, connect, pool
 from pggeolearn.db.errors import db_errors, translate
 from pggeolearn.db.usersql import DEFAULT_TIMEOUT_S
 from pggeolearn.db.usersql import sandbox as read_only
@@ -234,6 +235,7 @@ class Reader:
         self._lock = threading.Lock()
         self._conns: list[psycopg.Connection] = []
         self._connected = False
+        self._pool: Any = None  # psycopg_pool.ConnectionPool of the parallel path
 
     def run(self, sink: Callable[[int, int, Any, Any], None]) -> None:
         """Deliver every row of ``seq`` to ``sink``, resuming after lost connections."""
@@ -266,7 +268,7 @@ class Reader:
                     pass
 
     def close(self) -> None:
-        """Close every connection (the producer thread ends)."""
+        """Close every connection and the pool (the producer thread ends)."""
         with self._lock:
             for c in self._conns:
                 try:
@@ -274,6 +276,9 @@ class Reader:
                 except Exception:  # noqa: S110
                     pass
             self._conns = []
+            handle, self._pool = self._pool, None
+        if handle is not None:
+            handle.close()
 
     def _connect(self) -> psycopg.Connection:
         try:
@@ -290,6 +295,20 @@ class Reader:
             raise Stopped
         return conn
 
+    def _checkout(self) -> psycopg.Connection:
+        """A connection of the pool, held by this thread until it is lost or the epoch ends."""
+        from psycopg_pool import PoolTimeout
+
+        try:
+            conn = self._pool.getconn(timeout=CONNECT_TIMEOUT_S)
+        except PoolTimeout as exc:  # the pool is reconnecting: the server may be restarting
+            raise errors.ConnectionLost(f"no connection to {self.wire.dsn or 'the server'}: {exc}") from exc
+        with self._lock:
+            self._conns.append(conn)
+        if self.stop.is_set():
+            raise Stopped
+        return conn
+
     def _discard(self, conn: psycopg.Connection | None) -> None:
         if conn is None:
             return
@@ -300,6 +319,8 @@ class Reader:
                 conn.close()
             except Exception:  # noqa: S110
                 pass
+            if self._pool is not None:  # closed: the pool opens a replacement
+                self._pool.putconn(conn)
 
     def _retry_or_raise(self, exc: BaseException, window: retry.Window, at: int | None = None) -> None:
         """Called in an except block: return to resume, or raise the error to report."""
@@ -388,14 +409,17 @@ class Reader:
             group = max(1, min(wire.chunk_size, self.rows_per_fetch))
         starts = iter(range(0, total, group))
         local = threading.local()
+        self._pool = pool(wire.dsn, wire.connections, reconnect_s=max(1.0, wire.reconnect_window_s),
+                          **wire.connect_kwargs())
+        self._connected = True
         pending: collections.deque[Future] = collections.deque()
         name = f"{wire.application_name}-fetch"
-        with ThreadPoolExecutor(wire.connections, thread_name_prefix=name) as pool:
+        with ThreadPoolExecutor(wire.connections, thread_name_prefix=name) as executor:
             try:
                 def submit() -> None:
                     s = next(starts, None)
                     if s is not None:
-                        pending.append(pool.submit(self._fetch_group, local, s, self.seq[s:s + group]))
+                        pending.append(executor.submit(self._fetch_group, local, s, self.seq[s:s + group]))
 
                 for _ in range(2 * wire.connections):
                     submit()
@@ -428,7 +452,7 @@ class Reader:
             conn = getattr(local, "conn", None)
             try:
                 if conn is None:
-                    conn = local.conn = self._connect()
+                    conn = local.conn = self._checkout()
                 if wire.source == "live":
                     with read_only(conn, wire.timeout_s or DEFAULT_TIMEOUT_S), \
                             conn.cursor(binary=True) as cur:
