@@ -5,12 +5,13 @@ with pggeolearn's settings (application_name, connect_timeout, a pinned search_p
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import psycopg
 
 from pggeolearn import errors
-from pggeolearn.db.errors import first_line
+from pggeolearn.db.errors import db_errors, first_line
 
 if TYPE_CHECKING:
     from psycopg_pool import ConnectionPool
@@ -62,22 +63,30 @@ def connect(dsn: str | None = None, *, autocommit: bool = False, **kwargs) -> ps
 
 
 def pool(dsn: str | None, size: int, *, autocommit: bool = True, reconnect_s: float = 60.0,
-         **kwargs) -> ConnectionPool:
+         configure: Callable[[psycopg.Connection], None] | None = None, **kwargs) -> ConnectionPool:
     """An open ``psycopg_pool.ConnectionPool`` of exactly ``size`` connections made like
-    :func:`connect`'s, all connected before it returns (else one clear line); the pool replaces a
-    lost connection in the background, trying for ``reconnect_s`` seconds. Close it after use."""
+    :func:`connect`'s (then ``configure``d), connected side by side and all open before it
+    returns (else one clear line); the pool replaces a lost connection in the background, trying
+    for ``reconnect_s`` seconds. Close it after use."""
     from psycopg_pool import ConnectionPool, PoolTimeout
+
+    def setup(conn: psycopg.Connection) -> None:
+        pin_search_path(conn)
+        if configure is not None:
+            configure(conn)
 
     target = resolve_dsn(dsn)
     settings = _settings(kwargs)
     handle = ConnectionPool(target, kwargs=settings | {"autocommit": autocommit}, min_size=size,
-                            max_size=size, open=False, configure=pin_search_path,
+                            max_size=size, open=False, configure=setup, num_workers=size,
                             name=settings["application_name"], reconnect_timeout=reconnect_s)
     try:
         handle.open(wait=True, timeout=settings["connect_timeout"])
     except PoolTimeout as exc:
         handle.close()
-        connect(target, **kwargs).close()  # the pool logs why it failed; this says it in one line
+        with connect(target, autocommit=autocommit, **kwargs) as conn:  # the pool only logs why
+            with db_errors(f"setting up a connection of pool {settings['application_name']}"):
+                setup(conn)  # ... it failed: this says it in one line
         raise errors.DatabaseError(f"cannot open {size} connections to {_where(target)} within "
                                    f"{settings['connect_timeout']} s (max_connections?)") from exc
     return handle
