@@ -92,9 +92,6 @@ from pggeolearn.db import usersql
 from pggeolearn.db.connect import connect, dsn_of, pool
 from pggeolearn.db.errors import db_errors, first_line, translate
 from pggeolearn.resources import sql_text
-
-if TYPE_CHECKING:
-    from psycopg_pool import ConnectionPool
 from pggeolearn.splits import (
     EXCLUDED,
     MAX_NODATA_FRAC,
@@ -103,6 +100,9 @@ from pggeolearn.splits import (
     SplitReport,
     leakage,
 )
+
+if TYPE_CHECKING:
+    from psycopg_pool import ConnectionPool
 
 __all__ = [
     "BuildReport", "MapView", "SplitReport", "assign_splits", "build", "leakage", "map_view",

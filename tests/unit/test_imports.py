@@ -100,8 +100,9 @@ def test_no_module_imports_the_package_that_re_exports_it():
 
 
 # the CLI starts fast: schema machinery (Alembic, SQLAlchemy, GeoAlchemy2) only for db init/upgrade,
-# the frameworks only for training and prediction (benchmarks/bench_startup.py times it)
-HEAVY = ("alembic", "sqlalchemy", "geoalchemy2", "mxnet", "torch")
+# the frameworks only for training and prediction, numpy only for commands that use it
+# (benchmarks/bench_startup.py times it)
+HEAVY = ("alembic", "sqlalchemy", "geoalchemy2", "mxnet", "torch", "numpy")
 _PROBE = """import sys
 {preload}
 from pggeolearn.cli.main import main
@@ -128,7 +129,7 @@ def _heavy_imports(*args: str, preload: str = "") -> list[str]:
 
 def test_cli_help_imports_no_schema_machinery_or_framework():
     for args in ([], ["--help"], ["db", "--help"], ["dataset", "--help"], ["train", "--help"],
-                 ["predict", "--help"], ["chips", "--help"]):
+                 ["predict", "--help"], ["chips", "--help"], ["chips", "split", "--help"]):
         assert _heavy_imports(*args) == [], args
 
 
