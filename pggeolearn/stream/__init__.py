@@ -59,7 +59,7 @@ from pggeolearn.stream.sampler import (
     shard_index,
 )
 from pggeolearn.stream.transforms import Transforms, aug_code, dihedral, normalize
-from pggeolearn.stream.transport import SOURCES, TRANSPORTS, CopyParser, Reader, Transport, read_dsn
+from pggeolearn.stream.transport import SOURCES, TRANSPORTS, Reader, Transport, read_dsn
 
 __all__ = [
     "BATCH_KEYS",
@@ -72,7 +72,6 @@ __all__ = [
     "BatchAssembler",
     "BatchIterator",
     "ChipFormat",
-    "CopyParser",
     "GeoStream",
     "Prefetch",
     "Reader",

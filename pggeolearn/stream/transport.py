@@ -1,9 +1,9 @@
 """How the bytes arrive: connections, binary COPY / cursor parsing, replicas, reconnects.
 
 * **Binary transport only.** ``COPY (SELECT tile_id, ST_AsBinary(image), ST_AsBinary(label)
-  ...) TO STDOUT (FORMAT BINARY)`` (default) whose messages are parsed in place
-  (:class:`CopyParser`), or a binary server-side cursor fetched by bytes; the rows keep
-  memoryviews of the received messages. Chips are fetched in the epoch's order by joining
+  ...) TO STDOUT (FORMAT BINARY)`` (default) whose rows psycopg parses itself
+  (``Copy.set_types`` + ``Copy.rows``: as fast as our own parser was, see bench_stream), or a
+  binary server-side cursor fetched by bytes. Chips are fetched in the epoch's order by joining
   ``unnest(ids) WITH ORDINALITY`` (``sql/stream_chips.sql``); live tiles are computed by
   ``pggeolearn.image_tile()/label_tile()`` over READ ONLY connections (``sql/stream_live.sql``).
 * **Replicas.** With several DSNs (a primary and its read replicas) each shard reads from
@@ -25,7 +25,6 @@ from __future__ import annotations
 import collections
 import logging
 import math
-import struct
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -48,7 +47,6 @@ from pggeolearn.stream.prefetch import Stopped
 __all__ = [
     "SOURCES",
     "TRANSPORTS",
-    "CopyParser",
     "Reader",
     "Transport",
     "probe_chips",
@@ -141,71 +139,7 @@ def probe_live(conn: psycopg.Connection, ds: Any, timeout_s: float | None) -> tu
 # binary COPY
 
 
-_I16 = struct.Struct(">h")
-_I32 = struct.Struct(">i")
-_COPY_SIGNATURE = b"PGCOPY\n\xff\r\n\x00"
-_COPY_HEADER = len(_COPY_SIGNATURE) + 8  # signature, int32 flags, int32 extension length (0)
-
-
-class CopyParser:
-    """Rows ``(tile_id, image, label)`` of ``COPY ... (FORMAT BINARY)`` as memoryviews into the
-    received messages (no copy). PostgreSQL sends one row per message (the header rides with
-    the first); rows split across messages are still handled, by joining them."""
-
-    def __init__(self) -> None:
-        self._header = True
-        self._carry: bytes = b""
-        self.done = False
-
-    def rows(self, msg: memoryview) -> list[tuple[int, memoryview | None, memoryview | None]]:
-        buf: memoryview = msg if not self._carry else memoryview(self._carry + bytes(msg))
-        pos, end = 0, len(buf)
-        if self._header:
-            if end < _COPY_HEADER:
-                self._carry = bytes(buf)
-                return []
-            if bytes(buf[: len(_COPY_SIGNATURE)]) != _COPY_SIGNATURE:
-                raise errors.DatabaseError("COPY stream does not start with the binary signature")
-            ext = _I32.unpack_from(buf, len(_COPY_SIGNATURE) + 4)[0]
-            pos = _COPY_HEADER + ext
-            self._header = False
-        out = []
-        while pos < end:
-            row = self._row(buf, pos, end)
-            if row is None:
-                break
-            pos, item = row
-            if item is not None:
-                out.append(item)
-        self._carry = bytes(buf[pos:]) if pos < end else b""
-        return out
-
-    def _row(self, buf: memoryview, pos: int, end: int):
-        if end - pos < 2:
-            return None
-        nfields = _I16.unpack_from(buf, pos)[0]
-        if nfields == -1:
-            self.done = True
-            return pos + 2, None
-        if nfields != 3:
-            raise errors.DatabaseError(f"COPY row has {nfields} fields, expected 3")
-        p = pos + 2
-        fields: list[memoryview | None] = []
-        for _ in range(3):
-            if end - p < 4:
-                return None
-            n = _I32.unpack_from(buf, p)[0]
-            p += 4
-            if n < 0:
-                fields.append(None)
-                continue
-            if end - p < n:
-                return None
-            fields.append(buf[p:p + n])
-            p += n
-        if fields[0] is None or len(fields[0]) != 4:
-            raise errors.DatabaseError("COPY row without a tile id")
-        return p, (_I32.unpack_from(fields[0])[0], fields[1], fields[2])
+_COPY_TYPES = ["int4", "bytea", "bytea"]  # tile_id, ST_AsBinary(image), ST_AsBinary(label)
 
 
 def _copy_statement() -> sql.Composed:
@@ -374,12 +308,11 @@ class Reader:
     def _fetch_copy(self, conn: psycopg.Connection, ids: np.ndarray) -> None:
         end = self.pos + len(ids)
         params = {"ids": ids.tolist(), "dataset": self.dataset}
-        parser = CopyParser()
         with conn.cursor() as cur, cur.copy(_copy_statement(), params) as cp:
-            for msg in cp:
-                for tile_id, image, label in parser.rows(msg):
-                    self._deliver(tile_id, image, label)
-        if self.pos != end or not parser.done:
+            cp.set_types(_COPY_TYPES)
+            for tile_id, image, label in cp.rows():
+                self._deliver(tile_id, image, label)
+        if self.pos != end:
             raise errors.DatabaseError(
                 f"chip COPY ended early: {self.pos - (end - len(ids))} of {len(ids)} rows")
 
@@ -460,13 +393,14 @@ class Reader:
                 if wire.kind == "cursor":
                     with conn.cursor(binary=True) as cur:
                         return cur.execute(sql_text("stream_chips"), params).fetchall()
-                parser, rows = CopyParser(), []
+                rows = []
                 with conn.cursor() as cur, cur.copy(_copy_statement(), params) as cp:
-                    for msg in cp:  # the rows keep views of the messages, not copies
-                        rows += parser.rows(msg)
+                    cp.set_types(_COPY_TYPES)
+                    for row in cp.rows():
+                        rows.append(row)
                         if self.stop.is_set():
                             raise Stopped
-                if len(rows) != len(ids) or not parser.done:
+                if len(rows) != len(ids):
                     raise errors.DatabaseError(f"chip COPY ended early: {len(rows)} of {len(ids)} rows")
                 return rows
             except (psycopg.Error, errors.DatabaseError) as exc:
