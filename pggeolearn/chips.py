@@ -79,7 +79,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import psycopg
@@ -89,7 +89,7 @@ from tqdm import tqdm
 
 from pggeolearn import datasets, errors, palette, splits
 from pggeolearn.db import usersql
-from pggeolearn.db.connect import connect, dsn_of
+from pggeolearn.db.connect import connect, dsn_of, pool
 from pggeolearn.db.errors import db_errors, first_line, translate
 from pggeolearn.resources import sql_text
 from pggeolearn.splits import (
@@ -100,6 +100,9 @@ from pggeolearn.splits import (
     SplitReport,
     leakage,
 )
+
+if TYPE_CHECKING:
+    from psycopg_pool import ConnectionPool
 
 __all__ = [
     "BuildReport", "MapView", "SplitReport", "assign_splits", "build", "leakage", "map_view",
@@ -170,22 +173,16 @@ def _stage_failure(exc: psycopg.Error) -> bool:
 
 
 class _Worker:
-    """One connection building batches of tiles through its own staging table."""
+    """One connection of the build's pool building batches of tiles through its own staging
+    table (see :func:`_open_workers`)."""
 
-    def __init__(self, dsn: str, ds: datasets.Dataset, timeout_s: float, index: int,
+    def __init__(self, conn: psycopg.Connection, ds: datasets.Dataset, timeout_s: float, index: int,
                  keep_splits: bool = False):
         self.ds = ds
         self.timeout_s = timeout_s
-        self.conn = connect(dsn, autocommit=True,
-                            application_name=f"pggeolearn chips build {index}")
-        try:
-            with db_errors(f"chips build {ds.name}: worker setup"):
-                # chips can always be rebuilt: do not wait for the WAL flush on every batch
-                self.conn.execute("SET synchronous_commit TO off")
-                self.conn.execute(sql_text("chips_stage_table"))
-        except BaseException:
-            self.conn.close()
-            raise
+        self.conn = conn
+        with db_errors(f"chips build {ds.name}: worker setup"):
+            conn.execute("SELECT set_config('application_name', %s, false)", [f"pggeolearn chips build {index}"])
         self.base = {"dataset": ds.name, "recipe_hash": ds.recipe_hash, "dataset_version": ds.version,
                      "max_class": max(ds.recipe.classes), "keep_split": keep_splits,
                      "max_nodata": MAX_NODATA_FRAC}
@@ -372,6 +369,7 @@ def _run(dsn: str, ds: datasets.Dataset, todo: list[int], jobs: int, batch_size:
     if not todo:
         return 0
     workers: list[_Worker] = []
+    handle: ConnectionPool | None = None
     bar = tqdm(total=len(todo), unit="tile", desc=f"chips {ds.name}", disable=not progress,
                dynamic_ncols=True, smoothing=0.1)
     lock = threading.Lock()
@@ -386,7 +384,7 @@ def _run(dsn: str, ds: datasets.Dataset, todo: list[int], jobs: int, batch_size:
         for b in planned:
             batches.put(b)
         n = max(1, min(jobs, len(planned)))
-        workers += _open_workers(dsn, ds, timeout_s, n, keep_splits)
+        handle, workers = _open_workers(dsn, ds, timeout_s, n, keep_splits)
         workers[0].run(todo[:1])
         advance(1)
         if n == 1:
@@ -403,8 +401,8 @@ def _run(dsn: str, ds: datasets.Dataset, todo: list[int], jobs: int, batch_size:
                     failures.append(exc)
                 stop.set()
 
-        with cf.ThreadPoolExecutor(n, thread_name_prefix="pggeolearn-chips") as pool:
-            futures = [pool.submit(work, w) for w in workers]
+        with cf.ThreadPoolExecutor(n, thread_name_prefix="pggeolearn-chips") as executor:
+            futures = [executor.submit(work, w) for w in workers]
             try:
                 while cf.wait(futures, timeout=0.2).not_done:
                     pass
@@ -419,25 +417,33 @@ def _run(dsn: str, ds: datasets.Dataset, todo: list[int], jobs: int, batch_size:
     finally:
         for w in workers:
             w.close()
+        if handle is not None:
+            handle.close()
         bar.close()
 
 
+def _stage_setup(conn: psycopg.Connection) -> None:
+    """A worker connection's session: no wait for the WAL flush (chips can always be rebuilt),
+    its staging table, PostGIS loaded (~0.1 s CPU per backend)."""
+    conn.execute("SET synchronous_commit TO off")
+    conn.execute(sql_text("chips_stage_table"))
+
+
 def _open_workers(dsn: str, ds: datasets.Dataset, timeout_s: float, n: int,
-                  keep_splits: bool = False) -> list[_Worker]:
-    """``n`` workers, connected side by side (a new backend spends ~0.1 s CPU loading PostGIS
-    raster); all or none."""
-    if n == 1:
-        return [_Worker(dsn, ds, timeout_s, 0, keep_splits)]
-    with cf.ThreadPoolExecutor(n, thread_name_prefix="pggeolearn-chips-connect") as pool:
-        futures = [pool.submit(_Worker, dsn, ds, timeout_s, i, keep_splits) for i in range(n)]
-        cf.wait(futures)
-    opened = [f.result() for f in futures if f.exception() is None]
-    failed = [f.exception() for f in futures if f.exception() is not None]
-    if failed:
-        for w in opened:
+                  keep_splits: bool = False) -> tuple[ConnectionPool, list[_Worker]]:
+    """A pool of ``n`` connections, opened and set up side by side (all or none), and a worker
+    on each; close the workers, then the pool."""
+    handle = pool(dsn, n, application_name="pggeolearn chips build", configure=_stage_setup)
+    workers: list[_Worker] = []
+    try:
+        for i in range(n):
+            workers.append(_Worker(handle.getconn(), ds, timeout_s, i, keep_splits))
+    except BaseException:
+        for w in workers:
             w.close()
-        raise failed[0]
-    return opened
+        handle.close()
+        raise
+    return handle, workers
 
 
 def _drain(w: _Worker, batches: queue.SimpleQueue, stop: threading.Event, advance) -> None:

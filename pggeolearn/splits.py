@@ -48,12 +48,11 @@ import psycopg
 from pggeolearn import datasets, errors
 from pggeolearn.db.errors import db_errors
 from pggeolearn.resources import sql_text
+from pggeolearn.split_defaults import DEFAULT_BLOCK_M, DEFAULT_RATIOS
 
 SPLITS = ("train", "val", "test")
 EXCLUDED = "excluded"
 MAX_NODATA_FRAC = 0.5
-DEFAULT_BLOCK_M = 120.0
-DEFAULT_RATIOS = (0.7, 0.15, 0.15)
 MAX_ATTEMPTS = 64
 MAX_GUARD_WASTE = 0.2  # the default block shrinks until the guard band takes at most this
 _SHRINK_PY = 1e-7  # relative: Python excludes pairs closer than guard * (1 - 1e-7) ...

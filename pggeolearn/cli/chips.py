@@ -8,7 +8,7 @@ import click
 
 from pggeolearn.cli.context import Context, pass_ctx
 from pggeolearn.db import connect
-from pggeolearn.splits import DEFAULT_BLOCK_M, DEFAULT_RATIOS
+from pggeolearn.split_defaults import DEFAULT_BLOCK_M, DEFAULT_RATIOS
 
 
 def _ratios(_ctx, _param, value: str) -> tuple[float, float, float]:

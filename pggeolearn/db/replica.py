@@ -13,10 +13,9 @@ import os
 import time
 from pathlib import Path
 
-import psycopg
-
 from pggeolearn import errors
 from pggeolearn.db.cluster import SUPERUSER, Cluster, find_bindir, server_user
+from pggeolearn.db.connect import connect
 
 
 def make_replica(primary: Cluster, datadir: str | Path) -> Cluster:
@@ -46,10 +45,10 @@ def make_replica(primary: Cluster, datadir: str | Path) -> Cluster:
     deadline = time.monotonic() + 30
     while True:
         try:
-            with psycopg.connect(replica.dsn("postgres"), autocommit=True) as conn:
+            with connect(replica.dsn("postgres"), autocommit=True) as conn:
                 if conn.execute("SELECT pg_is_in_recovery()").fetchone()[0]:
                     return replica
-        except psycopg.OperationalError:
+        except errors.DatabaseError:
             pass
         if time.monotonic() > deadline:
             raise errors.ClusterError(f"standby in {replica.datadir} did not come up "
@@ -59,10 +58,10 @@ def make_replica(primary: Cluster, datadir: str | Path) -> Cluster:
 
 def wait_for_replay(primary_dsn: str, standby_dsn: str, timeout_s: float = 30.0) -> None:
     """Return once the standby has replayed everything the primary had written when called."""
-    with psycopg.connect(primary_dsn, autocommit=True) as conn:
+    with connect(primary_dsn, autocommit=True) as conn:
         target = conn.execute("SELECT pg_current_wal_lsn()").fetchone()[0]
     deadline = time.monotonic() + timeout_s
-    with psycopg.connect(standby_dsn, autocommit=True) as conn:
+    with connect(standby_dsn, autocommit=True) as conn:
         while True:
             done = conn.execute("SELECT pg_last_wal_replay_lsn() >= %s::pg_lsn",
                                 [target]).fetchone()[0]

@@ -23,9 +23,10 @@ A stream is composed of one part per concern, one module each:
   (seed, epoch); shards still take disjoint positions of it.
 * :mod:`~pggeolearn.stream.transport`: **how the bytes arrive.** Binary transport only:
   ``COPY (SELECT tile_id, ST_AsBinary(image), ST_AsBinary(label) ...) TO STDOUT (FORMAT BINARY)``
-  (default) whose messages are parsed in place, or a binary server-side cursor fetched by
-  bytes; chips are fetched in the epoch's order by joining ``unnest(ids) WITH ORDINALITY``
-  (scan order is never relied upon); read replicas; parallel connections. **Faults:** a lost
+  (default) whose rows psycopg parses (``Copy.set_types`` + ``Copy.rows``), or a binary
+  server-side cursor fetched by bytes; chips are fetched in the epoch's order by joining
+  ``unnest(ids) WITH ORDINALITY`` (scan order is never relied upon); read replicas; parallel
+  connections (from a ``psycopg_pool`` pool). **Faults:** a lost
   connection (``pg_terminate_backend``, server restart) is resumed from the next undelivered
   chip of the epoch order: no duplicate, no drop. ``statement_timeout`` (QueryCanceled) is
   never retried: :class:`~pggeolearn.errors.QueryTimeout`.
@@ -59,7 +60,7 @@ from pggeolearn.stream.sampler import (
     shard_index,
 )
 from pggeolearn.stream.transforms import Transforms, aug_code, dihedral, normalize
-from pggeolearn.stream.transport import SOURCES, TRANSPORTS, CopyParser, Reader, Transport, read_dsn
+from pggeolearn.stream.transport import SOURCES, TRANSPORTS, Reader, Transport, read_dsn
 
 __all__ = [
     "BATCH_KEYS",
@@ -72,7 +73,6 @@ __all__ = [
     "BatchAssembler",
     "BatchIterator",
     "ChipFormat",
-    "CopyParser",
     "GeoStream",
     "Prefetch",
     "Reader",

@@ -1,15 +1,16 @@
 """How the bytes arrive: connections, binary COPY / cursor parsing, replicas, reconnects.
 
 * **Binary transport only.** ``COPY (SELECT tile_id, ST_AsBinary(image), ST_AsBinary(label)
-  ...) TO STDOUT (FORMAT BINARY)`` (default) whose messages are parsed in place
-  (:class:`CopyParser`), or a binary server-side cursor fetched by bytes; the rows keep
-  memoryviews of the received messages. Chips are fetched in the epoch's order by joining
+  ...) TO STDOUT (FORMAT BINARY)`` (default) whose rows psycopg parses itself
+  (``Copy.set_types`` + ``Copy.rows``: as fast as our own parser was, see bench_stream), or a
+  binary server-side cursor fetched by bytes. Chips are fetched in the epoch's order by joining
   ``unnest(ids) WITH ORDINALITY`` (``sql/stream_chips.sql``); live tiles are computed by
   ``pggeolearn.image_tile()/label_tile()`` over READ ONLY connections (``sql/stream_live.sql``).
 * **Replicas.** With several DSNs (a primary and its read replicas) each shard reads from
   ``dsn[shard % len(dsn)]`` (:func:`read_dsn`).
-* **Parallel connections.** ``connections > 1`` fetches groups of chips concurrently and
-  still delivers them in order.
+* **Parallel connections.** ``connections > 1`` (and live mode) fetches groups of chips
+  concurrently, each thread holding one connection of a ``psycopg_pool`` pool
+  (:func:`pggeolearn.db.connect.pool`) for the epoch, and still delivers them in order.
 * **Faults.** A lost connection (``pg_terminate_backend``, server restart) is resumed from the
   next undelivered chip of the epoch order: no duplicate, no drop, retried with backoff over
   a :class:`pggeolearn.retry.Window`. ``statement_timeout`` (QueryCanceled) is never retried:
@@ -24,7 +25,6 @@ from __future__ import annotations
 import collections
 import logging
 import math
-import struct
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -37,7 +37,7 @@ import psycopg
 from psycopg import sql
 
 from pggeolearn import errors, retry
-from pggeolearn.db.connect import connect
+from pggeolearn.db.connect import CONNECT_TIMEOUT_S, connect, pool
 from pggeolearn.db.errors import db_errors, translate
 from pggeolearn.db.usersql import DEFAULT_TIMEOUT_S
 from pggeolearn.db.usersql import sandbox as read_only
@@ -47,7 +47,6 @@ from pggeolearn.stream.prefetch import Stopped
 __all__ = [
     "SOURCES",
     "TRANSPORTS",
-    "CopyParser",
     "Reader",
     "Transport",
     "probe_chips",
@@ -140,71 +139,7 @@ def probe_live(conn: psycopg.Connection, ds: Any, timeout_s: float | None) -> tu
 # binary COPY
 
 
-_I16 = struct.Struct(">h")
-_I32 = struct.Struct(">i")
-_COPY_SIGNATURE = b"PGCOPY\n\xff\r\n\x00"
-_COPY_HEADER = len(_COPY_SIGNATURE) + 8  # signature, int32 flags, int32 extension length (0)
-
-
-class CopyParser:
-    """Rows ``(tile_id, image, label)`` of ``COPY ... (FORMAT BINARY)`` as memoryviews into the
-    received messages (no copy). PostgreSQL sends one row per message (the header rides with
-    the first); rows split across messages are still handled, by joining them."""
-
-    def __init__(self) -> None:
-        self._header = True
-        self._carry: bytes = b""
-        self.done = False
-
-    def rows(self, msg: memoryview) -> list[tuple[int, memoryview | None, memoryview | None]]:
-        buf: memoryview = msg if not self._carry else memoryview(self._carry + bytes(msg))
-        pos, end = 0, len(buf)
-        if self._header:
-            if end < _COPY_HEADER:
-                self._carry = bytes(buf)
-                return []
-            if bytes(buf[: len(_COPY_SIGNATURE)]) != _COPY_SIGNATURE:
-                raise errors.DatabaseError("COPY stream does not start with the binary signature")
-            ext = _I32.unpack_from(buf, len(_COPY_SIGNATURE) + 4)[0]
-            pos = _COPY_HEADER + ext
-            self._header = False
-        out = []
-        while pos < end:
-            row = self._row(buf, pos, end)
-            if row is None:
-                break
-            pos, item = row
-            if item is not None:
-                out.append(item)
-        self._carry = bytes(buf[pos:]) if pos < end else b""
-        return out
-
-    def _row(self, buf: memoryview, pos: int, end: int):
-        if end - pos < 2:
-            return None
-        nfields = _I16.unpack_from(buf, pos)[0]
-        if nfields == -1:
-            self.done = True
-            return pos + 2, None
-        if nfields != 3:
-            raise errors.DatabaseError(f"COPY row has {nfields} fields, expected 3")
-        p = pos + 2
-        fields: list[memoryview | None] = []
-        for _ in range(3):
-            if end - p < 4:
-                return None
-            n = _I32.unpack_from(buf, p)[0]
-            p += 4
-            if n < 0:
-                fields.append(None)
-                continue
-            if end - p < n:
-                return None
-            fields.append(buf[p:p + n])
-            p += n
-        if fields[0] is None or len(fields[0]) != 4:
-            raise errors.DatabaseError("COPY row without a tile id")
-        return p, (_I32.unpack_from(fields[0])[0], fields[1], fields[2])
+_COPY_TYPES = ["int4", "bytea", "bytea"]  # tile_id, ST_AsBinary(image), ST_AsBinary(label)
 
 
 def _copy_statement() -> sql.Composed:
@@ -234,6 +169,7 @@ class Reader:
         self._lock = threading.Lock()
         self._conns: list[psycopg.Connection] = []
         self._connected = False
+        self._pool: Any = None  # psycopg_pool.ConnectionPool of the parallel path
 
     def run(self, sink: Callable[[int, int, Any, Any], None]) -> None:
         """Deliver every row of ``seq`` to ``sink``, resuming after lost connections."""
@@ -266,7 +202,7 @@ class Reader:
                     pass
 
     def close(self) -> None:
-        """Close every connection (the producer thread ends)."""
+        """Close every connection and the pool (the producer thread ends)."""
         with self._lock:
             for c in self._conns:
                 try:
@@ -274,6 +210,9 @@ class Reader:
                 except Exception:  # noqa: S110
                     pass
             self._conns = []
+            handle, self._pool = self._pool, None
+        if handle is not None:
+            handle.close()
 
     def _connect(self) -> psycopg.Connection:
         try:
@@ -290,6 +229,20 @@ class Reader:
             raise Stopped
         return conn
 
+    def _checkout(self) -> psycopg.Connection:
+        """A connection of the pool, held by this thread until it is lost or the epoch ends."""
+        from psycopg_pool import PoolTimeout
+
+        try:
+            conn = self._pool.getconn(timeout=CONNECT_TIMEOUT_S)
+        except PoolTimeout as exc:  # the pool is reconnecting: the server may be restarting
+            raise errors.ConnectionLost(f"no connection to {self.wire.dsn or 'the server'}: {exc}") from exc
+        with self._lock:
+            self._conns.append(conn)
+        if self.stop.is_set():
+            raise Stopped
+        return conn
+
     def _discard(self, conn: psycopg.Connection | None) -> None:
         if conn is None:
             return
@@ -300,6 +253,8 @@ class Reader:
                 conn.close()
             except Exception:  # noqa: S110
                 pass
+            if self._pool is not None:  # closed: the pool opens a replacement
+                self._pool.putconn(conn)
 
     def _retry_or_raise(self, exc: BaseException, window: retry.Window, at: int | None = None) -> None:
         """Called in an except block: return to resume, or raise the error to report."""
@@ -353,12 +308,11 @@ class Reader:
     def _fetch_copy(self, conn: psycopg.Connection, ids: np.ndarray) -> None:
         end = self.pos + len(ids)
         params = {"ids": ids.tolist(), "dataset": self.dataset}
-        parser = CopyParser()
         with conn.cursor() as cur, cur.copy(_copy_statement(), params) as cp:
-            for msg in cp:
-                for tile_id, image, label in parser.rows(msg):
-                    self._deliver(tile_id, image, label)
-        if self.pos != end or not parser.done:
+            cp.set_types(_COPY_TYPES)
+            for tile_id, image, label in cp.rows():
+                self._deliver(tile_id, image, label)
+        if self.pos != end:
             raise errors.DatabaseError(
                 f"chip COPY ended early: {self.pos - (end - len(ids))} of {len(ids)} rows")
 
@@ -388,14 +342,17 @@ class Reader:
             group = max(1, min(wire.chunk_size, self.rows_per_fetch))
         starts = iter(range(0, total, group))
         local = threading.local()
+        self._pool = pool(wire.dsn, wire.connections, reconnect_s=max(1.0, wire.reconnect_window_s),
+                          **wire.connect_kwargs())
+        self._connected = True
         pending: collections.deque[Future] = collections.deque()
         name = f"{wire.application_name}-fetch"
-        with ThreadPoolExecutor(wire.connections, thread_name_prefix=name) as pool:
+        with ThreadPoolExecutor(wire.connections, thread_name_prefix=name) as executor:
             try:
                 def submit() -> None:
                     s = next(starts, None)
                     if s is not None:
-                        pending.append(pool.submit(self._fetch_group, local, s, self.seq[s:s + group]))
+                        pending.append(executor.submit(self._fetch_group, local, s, self.seq[s:s + group]))
 
                 for _ in range(2 * wire.connections):
                     submit()
@@ -428,7 +385,7 @@ class Reader:
             conn = getattr(local, "conn", None)
             try:
                 if conn is None:
-                    conn = local.conn = self._connect()
+                    conn = local.conn = self._checkout()
                 if wire.source == "live":
                     with read_only(conn, wire.timeout_s or DEFAULT_TIMEOUT_S), \
                             conn.cursor(binary=True) as cur:
@@ -436,13 +393,14 @@ class Reader:
                 if wire.kind == "cursor":
                     with conn.cursor(binary=True) as cur:
                         return cur.execute(sql_text("stream_chips"), params).fetchall()
-                parser, rows = CopyParser(), []
+                rows = []
                 with conn.cursor() as cur, cur.copy(_copy_statement(), params) as cp:
-                    for msg in cp:  # the rows keep views of the messages, not copies
-                        rows += parser.rows(msg)
+                    cp.set_types(_COPY_TYPES)
+                    for row in cp.rows():
+                        rows.append(row)
                         if self.stop.is_set():
                             raise Stopped
-                if len(rows) != len(ids) or not parser.done:
+                if len(rows) != len(ids):
                     raise errors.DatabaseError(f"chip COPY ended early: {len(rows)} of {len(ids)} rows")
                 return rows
             except (psycopg.Error, errors.DatabaseError) as exc:

@@ -120,7 +120,7 @@ def test_reconnects_are_bounded(tiny, conn, pg_admin_dsn):
 @pytest.mark.parametrize("transport", ["copy", "cursor"])
 def test_statement_timeout_is_never_retried(tiny, conn, transport):
     dsn, ds = tiny
-    s = GeoStream(dsn, ds.name, batch_size=8, timeout_s=0.3, transport=transport)
+    s = GeoStream(dsn, ds.name, batch_size=8, timeout_s=1.0, transport=transport)
     with psycopg.connect(dsn) as locker:  # hold a lock the stream's query must wait for
         locker.execute("LOCK TABLE pggeolearn.chips IN ACCESS EXCLUSIVE MODE")
         started = time.monotonic()
@@ -134,7 +134,7 @@ def test_statement_timeout_is_never_retried(tiny, conn, transport):
 
 def test_live_mode_timeout_is_never_retried(tiny, conn):
     dsn, ds = tiny
-    s = GeoStream.live(dsn, ds.name, batch_size=8, timeout_s=0.3)
+    s = GeoStream.live(dsn, ds.name, batch_size=8, timeout_s=1.0)
     with psycopg.connect(dsn) as locker:
         locker.execute("LOCK TABLE public.img_tiny IN ACCESS EXCLUSIVE MODE")
         with pytest.raises(errors.QueryTimeout):

@@ -96,3 +96,43 @@ def test_no_module_imports_the_package_that_re_exports_it():
     bad = sorted(f"{m} imports {pkg}" for m, deps in graph.items() for pkg in deps & reexporting
                  if m.startswith(pkg + "."))
     assert bad == []
+
+
+
+# the CLI starts fast: schema machinery (Alembic, SQLAlchemy, GeoAlchemy2) only for db init/upgrade,
+# the frameworks only for training and prediction, numpy only for commands that use it
+# (benchmarks/bench_startup.py times it)
+HEAVY = ("alembic", "sqlalchemy", "geoalchemy2", "mxnet", "torch", "numpy")
+_PROBE = """import sys
+{preload}
+from pggeolearn.cli.main import main
+try:
+    main(sys.argv[1:])
+except SystemExit:
+    pass
+print("heavy:" + ",".join(sorted({{m.split(".")[0] for m in sys.modules}} & set({heavy!r}))), file=sys.stderr)
+"""
+
+
+def _heavy_imports(*args: str, preload: str = "") -> list[str]:
+    """The heavy top-level modules a fresh process loaded running ``pggeolearn ARGS``."""
+    import os
+    import subprocess
+    import sys
+
+    path = os.pathsep.join(filter(None, [str(PKG.parent), os.environ.get("PYTHONPATH")]))
+    out = subprocess.run([sys.executable, "-c", _PROBE.format(preload=preload, heavy=HEAVY), *args],
+                         env=os.environ | {"PYTHONPATH": path}, check=True, capture_output=True, text=True)
+    line = [x for x in out.stderr.splitlines() if x.startswith("heavy:")][-1]
+    return [m for m in line.removeprefix("heavy:").split(",") if m]
+
+
+def test_cli_help_imports_no_schema_machinery_or_framework():
+    for args in ([], ["--help"], ["db", "--help"], ["dataset", "--help"], ["train", "--help"],
+                 ["predict", "--help"], ["chips", "--help"], ["chips", "split", "--help"]):
+        assert _heavy_imports(*args) == [], args
+
+
+def test_the_probe_sees_heavy_imports():
+    """The check above can fail: SQLAlchemy imported before the CLI is seen."""
+    assert _heavy_imports("--help", preload="import sqlalchemy") == ["sqlalchemy"]
