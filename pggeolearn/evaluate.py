@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from pggeolearn import errors, outputs, palette, runs, wkb
 from pggeolearn.db.connect import connect, dsn_of
-from pggeolearn.db.errors import db_errors, translate
+from pggeolearn.db.errors import db_errors
 from pggeolearn.db.schema import require_schema
 from pggeolearn.predict import (
     Predictor,
@@ -240,19 +240,10 @@ def evaluate(dsn_or_conn: psycopg.Connection | str | None, model: str | Predicto
                                   "(pggeolearn chips build / chips split)")
         params = {"dataset": dataset, "split": split, "out_layer": out_layer,
                   "png": str(png) if png else None, "batch_size": batch_size, "tta": tta}
-        run = runs.Run.start(dsn, "evaluate", model=model_name, dataset=dataset, params=params)
-        run_id = run.run_id
-        try:
-            report = _run(dsn, p, model_name, ds, split, n, run_id, layer=layer, png=png,
+        with runs.Run.start(dsn, "evaluate", model=model_name, dataset=dataset, params=params) as run:
+            report = _run(dsn, p, model_name, ds, split, n, run.run_id, layer=layer, png=png,
                           n_worst=n_worst, batch_size=batch_size, progress=progress, notes=notes,
                           publish=publish, started=started)
-        except BaseException as exc:
-            run.fail("interrupted" if isinstance(exc, KeyboardInterrupt) else (str(exc) or type(exc).__name__))
-            if isinstance(exc, psycopg.Error):
-                raise translate(exc, f"evaluate run {run_id}") from exc
-            raise
-        finally:
-            run.close()
         from pggeolearn.qgis.project import refresh_after
 
         report.notes += refresh_after(control, model_name, dataset)  # the dataset's QGIS project

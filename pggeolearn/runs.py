@@ -97,7 +97,8 @@ def list_runs(conn: psycopg.Connection, *, model: str | None = None, limit: int 
 class Run:
     """A run this process owns: it holds the run's lock on its own connection until
     :meth:`close`. Use :meth:`start`; ``with Run.start(...) as run:`` fails the run on an
-    exception and always closes it."""
+    exception (a ``psycopg.Error`` leaves translated into :mod:`pggeolearn.errors`) and always
+    closes it."""
 
     def __init__(self, dsn: str | None, run_id: int, kind: str, model: str | None,
                  conn: psycopg.Connection, window_s: float | None):
@@ -196,9 +197,12 @@ class Run:
     def __exit__(self, exc_type, exc, tb) -> None:
         try:
             if exc is not None and not self.ended:
+                # the database gone: the next command that looks marks the run failed
                 self.fail("interrupted" if isinstance(exc, KeyboardInterrupt) else (str(exc) or exc_type.__name__))
         finally:
             self.close()
+        if isinstance(exc, psycopg.Error):  # a driver error leaves as one line of the error tree
+            raise translate(exc, f"{self.kind} run {self.run_id}") from exc
 
     # -- the connection ----------------------------------------------------------------------
     def _write(self, fn, context: str = "", *, window_s: float | None = None):

@@ -17,7 +17,6 @@ from tqdm import tqdm
 
 from pggeolearn import errors, outputs, runs
 from pggeolearn.db.connect import connect, dsn_of
-from pggeolearn.db.errors import translate
 from pggeolearn.db.schema import require_schema
 from pggeolearn.db.tables import TableName
 from pggeolearn.predict.grid import NODATA, PROB_SCALE, Grid
@@ -145,22 +144,12 @@ def predict(dsn_or_conn: psycopg.Connection | str | None, model: str | Predictor
         outputs.refuse_reads(outputs_of(names, opts.overviews),
                              plan.imagery.tables_read(control, plan.grid, opts.timeout_s))
         g = plan.grid
-        run = runs.Run.start(dsn, "predict", model=model_name, dataset=opts.dataset,
-                             params=_run_params(opts, names, p), extent=g.bounds, srid=g.srid)
-        run_id = run.run_id
-        report = PredictReport(run_id, model_name, names.show(names.out), names.show(names.prob),
-                               names.show(names.polygons), g, int(p.tile_px), opts.overlap, opts.stitch,
-                               opts.tile_px, notes=list(plan.notes))
-        try:
-            _execute(dsn, plan, names, report, opts, started)
-        except BaseException as exc:
-            # the database gone: the next command marks the run failed; the tables were rolled back
-            run.fail("interrupted" if isinstance(exc, KeyboardInterrupt) else (str(exc) or type(exc).__name__))
-            if isinstance(exc, psycopg.Error):
-                raise translate(exc, f"predict run {run_id}") from exc
-            raise
-        finally:
-            run.close()
+        with runs.Run.start(dsn, "predict", model=model_name, dataset=opts.dataset,
+                            params=_run_params(opts, names, p), extent=g.bounds, srid=g.srid) as run:
+            report = PredictReport(run.run_id, model_name, names.show(names.out), names.show(names.prob),
+                                   names.show(names.polygons), g, int(p.tile_px), opts.overlap, opts.stitch,
+                                   opts.tile_px, notes=list(plan.notes))
+            _execute(dsn, plan, names, report, opts, started)  # a failure rolls the tables back
         from pggeolearn.qgis.project import refresh_after
 
         report.notes += refresh_after(control, model_name, opts.dataset)  # the dataset's QGIS project
