@@ -28,6 +28,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import replace
 from typing import Any
@@ -146,30 +147,37 @@ def _kv_process(role: str, env: dict[str, str]) -> subprocess.Popen:
 def _supervise(procs: list, servers: list, results: Any, stop: Any, on_epoch: Any):
     world = len(procs)
     done: dict[int, Any] = {}
-    deadline = None
-    while len(done) < world:
-        try:
-            msg = results.get(timeout=0.5)
-        except queue_mod.Empty:
-            _check_alive(procs, servers, done)
-            if deadline is not None and time.monotonic() > deadline:
-                raise KeyboardInterrupt
-            continue
-        except KeyboardInterrupt:
-            if deadline is not None:  # a second Ctrl-C: no more waiting
-                raise
-            stop.set()  # every rank stops after the same step and keeps its checkpoint
-            deadline = time.monotonic() + GRACE_S
-            continue
-        kind, rank, payload = msg
-        if kind == "epoch" and on_epoch is not None:
-            on_epoch(payload)
-        elif kind == "error":
-            raise payload
-        elif kind == "done":
-            done[rank] = payload
+    deadline: list[float] = []
+
+    def interrupt(*_: Any) -> None:
+        if deadline:  # a second Ctrl-C: no more waiting
+            raise KeyboardInterrupt
+        stop.set()  # every rank stops after the same step and keeps its checkpoint
+        deadline.append(time.monotonic() + GRACE_S)
+
+    # a handler, not KeyboardInterrupt in the middle of reading the queue
+    previous = signal.signal(signal.SIGINT, interrupt) \
+        if threading.current_thread() is threading.main_thread() else None
+    try:
+        while len(done) < world:
+            try:
+                kind, rank, payload = results.get(timeout=0.5)
+            except queue_mod.Empty:
+                _check_alive(procs, servers, done)
+                if deadline and time.monotonic() > deadline[0]:
+                    raise KeyboardInterrupt from None
+                continue
+            if kind == "epoch" and on_epoch is not None:
+                on_epoch(payload)
+            elif kind == "error":
+                raise payload
+            elif kind == "done":
+                done[rank] = payload
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
     report = done[0]
-    report.rank_weights = [done[r].weights_sha256 if r else report.weights_sha256 for r in range(world)]
+    report.rank_weights = [done[r].weights_sha256 for r in range(world)]
     return report
 
 

@@ -98,6 +98,9 @@ def test_errors_are_one_line(db_dsn, rects, tmp_path):
          "error: tiles of 16px do not halve 4 times after a stride-4 stem"),
         (["train", "rects", "--model", "m", "--depth", "1", "--device", "gpu:0"], "error: GPU 0 was asked for"),
         (["train", "rects", "--model", "m", "--resume"], "error: no checkpoint of model m"),
+        (["train", "rects", "--model", "m", "--nproc", "0"], "error: --nproc must be >= 1, not 0"),
+        (["train", "rects", "--model", "m", "--nproc", "17"],
+         "error: --nproc 17 is more than the 16 train chips of dataset rects: every process needs"),
         (["model", "show", "nope"], "error: unknown model 'nope' (known: taken)"),
         (["model", "drop", "nope"], "error: unknown model 'nope'"),
         (["model", "export", "taken", "--out", str(tmp_path / "no" / "x.zip")], "error: folder"),
@@ -147,6 +150,68 @@ def test_ctrl_c_keeps_a_checkpoint_and_resume_finishes(db_dsn, rects):
     with psycopg.connect(db_dsn) as c:
         assert c.execute("SELECT jsonb_array_length(metrics -> 'epochs') FROM pggeolearn.models"
                          " WHERE name = 'c'").fetchone()[0] == done + 1
+
+
+def _children(pid: int) -> set[int]:
+    """The processes whose parent is ``pid`` (from /proc)."""
+    found = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.add(int(stat.parent.name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def test_nproc_ctrl_c_stops_every_process_and_resume_finishes(db_dsn, rects):
+    """--nproc 2 (MXNet: a kvstore scheduler, a server and two workers): SIGINT to the command
+    stops both ranks after the same step, keeps the checkpoint, exits 130, leaves no process."""
+    conn = rects
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, "-m", "pggeolearn", "--dsn", db_dsn, "train", "rects",
+                             "--model", "p", "--epochs", "500", "--patience", "0", "--nproc", "2", *TINY],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        deadline = time.monotonic() + 150
+        while time.monotonic() < deadline:  # wait for the first epoch's checkpoint
+            row = conn.execute("SELECT checkpoint IS NOT NULL FROM pggeolearn.runs WHERE model = 'p'").fetchone()
+            if row and row[0]:
+                break
+            assert proc.poll() is None, proc.communicate()
+            time.sleep(0.2)
+        else:
+            pytest.fail("no checkpoint within 150 s")
+        children = _children(proc.pid)
+        assert len(children) >= 4  # 2 ranks, the kvstore's scheduler and server (+ spawn's tracker)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=90)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, (out, err)
+    assert "stopped: interrupted (Ctrl-C) after epoch" in out and "Traceback" not in err
+    assert "(mxnet on 2 processes, rank 0 on cpu(0))" in out
+    assert [pid for pid in children if _alive(pid)] == []
+    status, error, done = conn.execute(
+        "SELECT status, error, jsonb_array_length(outputs -> 'epochs') FROM pggeolearn.runs"
+        " WHERE model = 'p'").fetchone()
+    assert status == "failed" and error.startswith("interrupted after epoch") and done >= 1
+
+    result = run("--dsn", db_dsn, "train", "rects", "--model", "p", "--resume", "--epochs", str(done + 1),
+                 "--nproc", "2", "--no-progress")
+    assert result.returncode == 0, result.stderr
+    assert f"(resumed after epoch {done})" in result.stdout and "stopped: completed" in result.stdout
+    assert conn.execute("SELECT count(*) FROM pggeolearn.runs WHERE model = 'p'").fetchone()[0] == 2
 
 
 def test_plot_without_matplotlib_is_one_line_before_training(tmp_path):
