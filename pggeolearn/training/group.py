@@ -40,17 +40,20 @@ class Group:
 
 
 class TorchGroup(Group):
-    """A ``torch.distributed`` process group over TCP on ``addr:port``: gloo (CPU tensors, and
-    the small sums here), plus NCCL for CUDA tensors when ``cuda``. Collectives give up after
-    ``timeout_s`` (a rank that died or hangs fails the others instead of hanging them)."""
+    """A ``torch.distributed`` process group over TCP on ``addr:port`` (``None``: from the
+    environment torchrun sets, ``MASTER_ADDR``, ``MASTER_PORT``, ``RANK``, ``WORLD_SIZE``):
+    gloo (CPU tensors, and the small sums here), plus NCCL for CUDA tensors when ``cuda``.
+    Collectives give up after ``timeout_s`` (a rank that died or hangs fails the others
+    instead of hanging them)."""
 
-    def __init__(self, rank: int, world: int, addr: str, port: int, *, cuda: bool, timeout_s: float):
+    def __init__(self, rank: int, world: int, addr: str | None, port: int | None, *, cuda: bool,
+                 timeout_s: float):
         import torch.distributed as dist
 
         self.dist, self.rank, self.world = dist, rank, world
         dist.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo",
-                                init_method=f"tcp://{addr}:{port}", rank=rank, world_size=world,
-                                timeout=timedelta(seconds=timeout_s))
+                                init_method="env://" if addr is None else f"tcp://{addr}:{port}",
+                                rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s))
 
     def allreduce(self, values: np.ndarray, *, counts: bool = False) -> np.ndarray:
         import torch

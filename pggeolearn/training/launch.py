@@ -250,15 +250,68 @@ def _worker(spec: dict[str, Any], index: int, results: Any, stop: Any) -> None:
 
 
 def _group(spec: dict[str, Any], index: int):
-    from pggeolearn.training.group import MxGroup, TorchGroup
+    from pggeolearn.training.group import MxGroup
 
     if spec["framework"] == "mxnet":
         return MxGroup()
+    return _torch_group(spec["opts"].device, index, spec["world"], ADDR, spec["port"])
+
+
+def _torch_group(device: str, rank: int, world: int, addr: str | None, port: int | None):
     import torch
 
-    kind, _ = parse_device(spec["opts"].device)
+    from pggeolearn.training.group import TorchGroup
+
+    kind, _ = parse_device(device)
     cuda = kind != "cpu" and torch.cuda.is_available()
-    return TorchGroup(index, spec["world"], ADDR, spec["port"], cuda=cuda, timeout_s=dist_timeout_s())
+    return TorchGroup(rank, world, addr, port, cuda=cuda, timeout_s=dist_timeout_s())
+
+
+def launched_by(environ: Any = os.environ) -> str | None:
+    """Which outside launcher started this process as one rank: ``torchrun`` (``RANK`` and
+    ``WORLD_SIZE`` > 1 set), MXNet's ``tools/launch.py`` (``DMLC_ROLE=worker``; ``server`` or
+    ``scheduler``: the same command is the kvstore's), or None."""
+    role = environ.get("DMLC_ROLE")
+    if role in ("server", "scheduler"):
+        return "mxnet-" + role
+    if role == "worker":
+        return "mxnet"
+    if "RANK" in environ and int(environ.get("WORLD_SIZE", "1")) > 1:
+        return "torchrun"
+    return None
+
+
+def train_launched(dsn: str | None, dataset: str, model_name: str, opts: Any, launcher: str):
+    """This process as one rank of a group an outside launcher started (several machines):
+    rank 0 writes the run and the model and returns the full report, as with --nproc."""
+    from pggeolearn.training.loop import train_rank
+
+    if launcher.startswith("mxnet-"):
+        import pggeolearn.mxnet  # noqa: F401 - with DMLC_ROLE set, runs the role, then exits
+
+        raise errors.WorkerFailed(f"MXNet did not run the kvstore {launcher[6:]} (DMLC_ROLE)")
+    framework = _framework_of(dsn, model_name, opts)
+    want = "mxnet" if launcher == "mxnet" else "torch"
+    if framework != want:
+        raise errors.ConfigError(f"this process was started by {launcher}, which trains "
+                                 f"--framework {want}, not {framework}")
+    if want == "mxnet":
+        from pggeolearn.training.group import MxGroup
+
+        group = MxGroup()
+        local_rank, local_world = group.rank, group.world
+    else:
+        env = os.environ
+        group = _torch_group(opts.device, int(env["RANK"]), int(env["WORLD_SIZE"]), None, None)
+        local_rank = int(env.get("LOCAL_RANK", group.rank))
+        local_world = int(env.get("LOCAL_WORLD_SIZE", group.world))
+    try:
+        opts = replace(opts, device=rank_device(opts.device, local_rank, local_world, _gpus(want)),
+                       progress=opts.progress and group.lead,
+                       on_epoch=opts.on_epoch if group.lead else None)
+        return train_rank(dsn, dataset, model_name, opts, group)
+    finally:
+        group.close()
 
 
 def _gpus(framework: str) -> int:

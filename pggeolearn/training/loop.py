@@ -282,6 +282,7 @@ class TrainReport:
     train_chips: int = 0
     notes: list[str] = field(default_factory=list)
     nproc: int = 1
+    rank: int = 0  # data parallel: only rank 0's report has the model and the run
     weights_sha256: str | None = None  # of the final weights (data parallel: each rank's, equal)
     rank_weights: list[str] = field(default_factory=list)  # --nproc: weights_sha256 of every rank
 
@@ -318,6 +319,9 @@ class TrainReport:
 
     def __str__(self) -> str:
         m, s = divmod(int(round(self.seconds)), 60)
+        if self.rank:
+            return (f"rank {self.rank} of {self.nproc}: {len(self.history)} epoch(s) in {m}m{s:02d}s; "
+                    f"stopped: {self.stopped} (rank 0 reports the run and stores the model)")
         on = self.device if self.nproc == 1 else f"{self.nproc} processes, rank 0 on {self.device}"
         head = (f"model {self.model} ({self.framework} on {on}), dataset {self.dataset}: "
                 f"{len(self.history)} epoch(s) run"
@@ -454,18 +458,21 @@ def train(dsn: str | None, dataset: str, model_name: str, *, nproc: int = 1,
     ``batch_size``, ``lr``, ``schedule``, ``device``, ``seed``, ``width``, ``depth``,
     ``stem_stride``, ``class_weights``, ``augment``, ``weight_decay``, ``patience``,
     ``time_limit_min``, ``overwrite``, ``resume``, ``plot``, ``progress``, ``on_epoch``).
-    ``nproc`` > 1 trains data-parallel in that many processes on this machine
-    (:mod:`pggeolearn.training.launch`).
+    ``nproc`` > 1 trains data-parallel in that many processes on this machine; a process that
+    torchrun or MXNet's launcher started is one rank of theirs (:mod:`pggeolearn.training.launch`).
     Errors a user can cause are one-line :class:`~pggeolearn.errors.PggeolearnError`s and leave
     no model behind. Ctrl-C returns a report whose ``stopped`` starts with ``interrupted``.
     """
     opts = _options(options)
     if not NAME_RE.match(model_name or ""):
         raise errors.ConfigError(f"bad model name {model_name!r}: letters, digits, '_', '.', '-' (max 63)")
-    if nproc != 1:
-        from pggeolearn.training import launch
+    from pggeolearn.training import launch  # no framework imported until a rank needs one
 
+    if nproc != 1:
         return launch.train_parallel(dsn, dataset, model_name, nproc, opts)
+    launcher = launch.launched_by()
+    if launcher is not None:
+        return launch.train_launched(dsn, dataset, model_name, opts, launcher)
     return train_rank(dsn, dataset, model_name, opts)
 
 
@@ -628,7 +635,8 @@ class _Training:
             run_id=run_id, classes=self.classes, history=history, best_epoch=stopper.best_epoch,
             best=None, baselines=self.baselines, stopped="completed", seconds=0.0,
             epochs_asked=o.epochs, resumed_from=resumed_from, val_chips=self.counts.get("val", 0),
-            train_chips=self.counts.get("train", 0), notes=self.notes, nproc=self.group.world)
+            train_chips=self.counts.get("train", 0), notes=self.notes, nproc=self.group.world,
+            rank=self.group.rank)
         limit_s = o.time_limit_min * 60 if o.time_limit_min else None
         t_start = time.perf_counter()
         steps_per_epoch = self._steps_per_epoch()
