@@ -21,6 +21,11 @@ validates it after every epoch on the spatially held-out ``val`` split:
   Ctrl-C stops at once: the last finished epoch's checkpoint is in the run row, the best model
   so far is saved, and the report says how to resume.
 * The model is stored in the registry (:mod:`pggeolearn.training.registry`) at the end.
+* **Several processes** (``nproc``, torchrun, MXNet's launcher): each rank trains on its shard
+  of every split in a :class:`~pggeolearn.training.group.Group`; the ranks take equal step
+  counts, agree on each step's loss denominator, learning rate and stop request, sum the val
+  confusion matrices; rank 0 alone writes the run, checkpoints and model
+  (:mod:`pggeolearn.training.launch`).
 
 Only numpy and the database are imported here; the framework module is imported on demand.
 """
