@@ -225,7 +225,7 @@ def _end(procs: list, servers: list) -> None:
 def _worker(spec: dict[str, Any], index: int, results: Any, stop: Any) -> None:
     """One rank: join the group, train, report (``("done" | "error" | "epoch", rank, x)``)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the launcher turns Ctrl-C into `stop`
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwinds: the run row says failed
+    signal.signal(signal.SIGTERM, _stopped)  # unwinds: rank 0's run row says why it failed
     die_with_parent()
     os.environ.update(spec["env"])
     if spec["framework"] == "mxnet":
@@ -247,6 +247,10 @@ def _worker(spec: dict[str, Any], index: int, results: Any, stop: Any) -> None:
     finally:
         if group is not None:
             group.close()
+
+
+def _stopped(*_: Any) -> None:
+    raise errors.WorkerFailed("stopped by the launcher: another training process failed")
 
 
 def _group(spec: dict[str, Any], index: int):
@@ -289,7 +293,8 @@ def train_launched(dsn: str | None, dataset: str, model_name: str, opts: Any, la
     if launcher.startswith("mxnet-"):
         import pggeolearn.mxnet  # noqa: F401 - with DMLC_ROLE set, runs the role, then exits
 
-        raise errors.WorkerFailed(f"MXNet did not run the kvstore {launcher[6:]} (DMLC_ROLE)")
+        raise errors.ConfigError(f"DMLC_ROLE={launcher[6:]}, but mxnet was imported before it was "
+                                 "set, so the kvstore role did not run: set it before Python starts")
     framework = _framework_of(dsn, model_name, opts)
     want = "mxnet" if launcher == "mxnet" else "torch"
     if framework != want:

@@ -204,7 +204,10 @@ class TorchModel:
         from torch.nn.parallel import DistributedDataParallel
 
         self.group = group
-        ids = [self.dev.index] if self.dev.type == "cuda" else None
+        ids = None
+        if self.dev.type == "cuda":  # NCCL's communicator on this rank's GPU, not on GPU 0
+            torch.cuda.set_device(self.dev)
+            ids = [self.dev.index]
         self.ddp = DistributedDataParallel(self.net, device_ids=ids, broadcast_buffers=False)
 
     def average_buffers(self) -> None:

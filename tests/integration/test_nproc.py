@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pggeolearn import errors, predict
-from pggeolearn.training import registry, train
+from pggeolearn import errors, predict, runs
+from pggeolearn.training import launch, registry, train
 from pggeolearn.training.loop import unpack_checkpoint
 
 _spec = importlib.util.spec_from_file_location("train_fixtures", Path(__file__).with_name("test_train.py"))
@@ -111,12 +111,34 @@ def test_two_processes_learn_like_one(db_dsn, rects9):
 
 def test_bad_nproc_is_one_line_and_writes_nothing(db_dsn, rects9):
     conn = rects9
-    for nproc, message in [(0, r"--nproc must be >= 1, not 0"),
-                           (10, r"--nproc 10 is more than the 9 train chips of dataset rects")]:
+    for kwargs, message in [(dict(nproc=0), r"--nproc must be >= 1, not 0"),
+                            (dict(nproc=10), r"--nproc 10 is more than the 9 train chips of dataset rects"),
+                            (dict(nproc=2, on_chips=lambda *a: None),
+                             r"with nproc > 1 the training options must be picklable")]:
         with pytest.raises(errors.ConfigError, match=message) as info:
-            train(db_dsn, "rects", "bad", nproc=nproc, **TINY)
+            train(db_dsn, "rects", "bad", **kwargs, **TINY)
         assert "\n" not in str(info.value)
     assert conn.execute("SELECT count(*) FROM pggeolearn.runs").fetchone()[0] == 0
+
+
+def test_each_process_takes_its_own_gpu():
+    assert launch.rank_device("auto", 1, 2, 0) == "cpu" and launch.rank_device("cpu", 1, 2, 4) == "cpu"
+    assert launch.rank_device("gpu", 1, 2, 2) == "gpu:1" and launch.rank_device("auto", 0, 2, 3) == "gpu:0"
+    assert launch.rank_device("gpu:2,3", 1, 2, 4) == "gpu:3"
+    with pytest.raises(errors.ConfigError, match=r"^--nproc 2 needs a GPU per process, but 1 were "
+                                                 r"given \(--device gpu:0\)$"):
+        launch.rank_device("gpu:0", 0, 2, 4)
+    with pytest.raises(errors.ConfigError, match=r"^--nproc 3 needs a GPU per process, but 2 are there"):
+        launch.rank_device("gpu", 0, 3, 2)
+
+
+def test_kvstore_role_after_mxnet_was_imported_is_one_line(monkeypatch):
+    """DMLC_ROLE=server must be set before mxnet is imported (importing it runs the role)."""
+    import pggeolearn.mxnet  # noqa: F401
+
+    monkeypatch.setenv("DMLC_ROLE", "server")
+    with pytest.raises(errors.ConfigError, match=r"^DMLC_ROLE=server, but mxnet was imported before"):
+        train(None, "rects", "m")
 
 
 def test_a_failing_rank_stops_all_with_one_line(db_dsn, rects9):
@@ -130,3 +152,5 @@ def test_a_failing_rank_stops_all_with_one_line(db_dsn, rects9):
     assert mp.active_children() == []  # no rank left behind
     with pytest.raises(errors.ModelNotFound):
         registry.get(rects9, "np_fail")
+    # rank 0's run is failed (by rank 0 as it was stopped, or reaped once its lock was gone)
+    assert [r.status for r in runs.list_runs(rects9, model="np_fail")] == ["failed"]
