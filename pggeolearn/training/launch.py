@@ -123,14 +123,17 @@ def train_parallel(dsn: str | None, dataset: str, model_name: str, nproc: int, o
     results, stop = ctx.Queue(), ctx.Event()
     procs = [ctx.Process(target=_worker, args=(spec, i, results, stop), name=f"pggeolearn-train-{i}")
              for i in range(nproc)]
+    finished = False
     try:
         if framework == "mxnet":
             servers = [_kv_process(role, env) for role in ("scheduler", "server")]
         for p in procs:
             p.start()
-        return _supervise(procs, servers, results, stop, on_epoch)
+        report = _supervise(procs, servers, results, stop, on_epoch)
+        finished = True
+        return report
     finally:
-        _end(procs, servers)
+        _end(procs, servers, graceful=finished)
 
 
 def _kv_process(role: str, env: dict[str, str]) -> subprocess.Popen:
@@ -192,9 +195,12 @@ def _check_alive(procs: list, servers: list, done: dict) -> None:
             raise errors.WorkerFailed(f"the MXNet kvstore's {s.role} exited with code {s.returncode}: {err}")
 
 
-def _end(procs: list, servers: list) -> None:
-    """Every child gone: finished ones joined, the rest terminated, then killed."""
+def _end(procs: list, servers: list, *, graceful: bool) -> None:
+    """Every child gone: ``graceful`` (all ranks reported) gives them TERM_S to exit, else
+    they are terminated at once; then killed."""
+    deadline = time.monotonic() + (TERM_S if graceful else 0.0)
     for p in procs:
+        p.join(max(0.0, deadline - time.monotonic()))
         if p.is_alive():
             p.terminate()
     for s in servers:
@@ -245,6 +251,7 @@ def _worker(spec: dict[str, Any], index: int, results: Any, stop: Any) -> None:
     except BaseException as exc:  # noqa: BLE001 - every failure goes to the launcher as one line
         results.put(("error", rank, _one_line(exc, rank, spec["world"])))
     finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # reported: the end is quiet
         if group is not None:
             group.close()
 

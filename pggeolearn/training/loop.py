@@ -764,8 +764,8 @@ class _Training:
         def sync(weight_sum: float) -> tuple[float, float]:
             lr = lr_at(o.schedule, o.lr, progress(step)) if group.lead else 0.0
             stop = float(self.stop is not None and self.stop.is_set())
-            total, lr, self._stopping = group.allreduce([weight_sum, lr, stop])
-            self._lr = lr
+            total, lr, self._stopping = (float(v) for v in group.allreduce([weight_sum, lr, stop]))
+            self._lr = lr  # a float: numpy scalars in the optimizer state fail weights_only loads
             return total, lr
 
         return sync

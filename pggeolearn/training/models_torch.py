@@ -3,6 +3,7 @@ PyTorch side of training. torch is imported only here and in :mod:`pggeolearn.to
 
 from __future__ import annotations
 
+import inspect
 import io
 import os
 from collections.abc import Iterator, Sequence
@@ -208,7 +209,10 @@ class TorchModel:
         if self.dev.type == "cuda":  # NCCL's communicator on this rank's GPU, not on GPU 0
             torch.cuda.set_device(self.dev)
             ids = [self.dev.index]
-        self.ddp = DistributedDataParallel(self.net, device_ids=ids, broadcast_buffers=False)
+        # no buffer broadcast before each forward (torch 2.13 renamed the option)
+        sync = "forward_sync_buffers" if "forward_sync_buffers" in \
+            inspect.signature(DistributedDataParallel).parameters else "broadcast_buffers"
+        self.ddp = DistributedDataParallel(self.net, device_ids=ids, **{sync: False})
 
     def average_buffers(self) -> None:
         """BatchNorm running statistics averaged over the ranks (each saw its own batches)."""

@@ -183,16 +183,22 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
-def test_nproc_ctrl_c_stops_every_process_and_resume_finishes(db_dsn, rects):
-    """--nproc 2 (MXNet: a kvstore scheduler, a server and two workers): SIGINT to the command
-    stops both ranks after the same step, keeps the checkpoint, exits 130, leaves no process."""
+@pytest.mark.parametrize("framework, processes, device", [
+    ("mxnet", 4, "cpu(0)"),  # 2 ranks, the kvstore's scheduler and server (+ spawn's tracker)
+    ("torch", 2, "cpu"),
+])
+def test_nproc_ctrl_c_stops_every_process_and_resume_finishes(db_dsn, rects, framework, processes, device):
+    """--nproc 2: SIGINT to the command stops both ranks after the same step, keeps the
+    checkpoint, exits 130, leaves no process; --resume with --nproc 2 finishes."""
+    if framework == "torch":
+        pytest.importorskip("torch")
     conn = rects
-    proc, out, err, children = interrupt_after_first_checkpoint(conn, db_dsn, "p", "--nproc", "2",
-                                                                wait_s=150)
-    assert len(children) >= 4  # 2 ranks, the kvstore's scheduler and server (+ spawn's tracker)
+    proc, out, err, children = interrupt_after_first_checkpoint(
+        conn, db_dsn, "p", "--nproc", "2", "--framework", framework, wait_s=150)
+    assert len(children) >= processes
     assert proc.returncode == 130, (out, err)
     assert "stopped: interrupted (Ctrl-C) after epoch" in out and "Traceback" not in err
-    assert "(mxnet on 2 processes, rank 0 on cpu(0))" in out
+    assert f"({framework} on 2 processes, rank 0 on {device})" in out
     assert [pid for pid in children if _alive(pid)] == []
     status, error, done = conn.execute(
         "SELECT status, error, jsonb_array_length(outputs -> 'epochs') FROM pggeolearn.runs"
@@ -200,9 +206,10 @@ def test_nproc_ctrl_c_stops_every_process_and_resume_finishes(db_dsn, rects):
     assert status == "failed" and error.startswith("interrupted after epoch") and done >= 1
 
     result = run("--dsn", db_dsn, "train", "rects", "--model", "p", "--resume", "--epochs", str(done + 1),
-                 "--nproc", "2", "--no-progress")
+                 "--nproc", "2", "--no-progress")  # the framework: the checkpoint's
     assert result.returncode == 0, result.stderr
     assert f"(resumed after epoch {done})" in result.stdout and "stopped: completed" in result.stdout
+    assert f"({framework} on 2 processes" in result.stdout
     assert conn.execute("SELECT count(*) FROM pggeolearn.runs WHERE model = 'p'").fetchone()[0] == 2
 
 
