@@ -183,6 +183,16 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
+def _left(pids: set[int], wait_s: float = 10) -> list[str]:
+    """The command lines of ``pids`` still alive after ``wait_s`` (multiprocessing's resource
+    tracker leaves when it reads EOF from the process that is gone)."""
+    deadline = time.monotonic() + wait_s
+    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return [Path(f"/proc/{p}/cmdline").read_bytes().replace(b"\0", b" ").decode()[:200]
+            for p in pids if _alive(p)]
+
+
 @pytest.mark.parametrize("framework, processes, device", [
     ("mxnet", 4, "cpu(0)"),  # 2 ranks, the kvstore's scheduler and server (+ spawn's tracker)
     ("torch", 2, "cpu"),
@@ -199,7 +209,7 @@ def test_nproc_ctrl_c_stops_every_process_and_resume_finishes(db_dsn, rects, fra
     assert proc.returncode == 130, (out, err)
     assert "stopped: interrupted (Ctrl-C) after epoch" in out and "Traceback" not in err
     assert f"({framework} on 2 processes, rank 0 on {device})" in out
-    assert [pid for pid in children if _alive(pid)] == []
+    assert _left(children) == []
     status, error, done = conn.execute(
         "SELECT status, error, jsonb_array_length(outputs -> 'epochs') FROM pggeolearn.runs"
         " WHERE model = 'p'").fetchone()
