@@ -80,5 +80,10 @@ class NotBuilt(PggeolearnError, LookupError):
     """A dataset has no chips (or no chips in a split) yet."""
 
 
+class WorkerFailed(PggeolearnError, RuntimeError):
+    """One process of a multi-process training (``train --nproc``) failed or died; the
+    others were stopped."""
+
+
 class PermissionDenied(DatabaseError, PermissionError):
     """The connected role lacks a privilege; the message names it and the GRANT that fixes it."""

@@ -69,11 +69,15 @@ from pggeolearn.db import connect
 @click.option("--score-chips", is_flag=True,
               help="After training, store every train chip's loss and IoU in "
                    "pggeolearn.chip_scores (for hard-example --sampling next time).")
+@click.option("--nproc", type=int, default=1, show_default=True, metavar="N",
+              help="Train data-parallel in N processes on this machine (torch: DDP, gloo on CPU, "
+                   "NCCL on GPUs; mxnet: a dist_sync kvstore), each streaming its own shard; "
+                   "rank 0 writes checkpoints and the model. With GPUs: one per process.")
 @click.option("--progress/--no-progress", default=True, help="Show progress bars.")
 @pass_ctx
 def train(ctx: Context, dataset: str, model_name: str, framework, epochs, batch_size, lr, schedule,
           device, seed, resume, width, depth, stem_stride, block, head, loss, jitter, class_weights, augment, patience,
-          time_limit, overwrite, force, plot, sampling, read_dsns, score_chips, progress) -> None:
+          time_limit, overwrite, force, plot, sampling, read_dsns, score_chips, nproc, progress) -> None:
     """Train a U-Net on DATASET's train split straight from the database, validate it on the
     spatially held-out val split every epoch, and store the best epoch as model NAME.
 
@@ -90,7 +94,7 @@ def train(ctx: Context, dataset: str, model_name: str, framework, epochs, batch_
         depth=depth, stem_stride=int(stem_stride) if stem_stride else None, block=block, head=head,
         loss=loss, jitter=jitter, class_weights=class_weights, augment=augment, patience=patience,
         time_limit_min=time_limit, overwrite=overwrite, force=force, plot=plot, progress=progress,
-        sampling=sampling, read_dsns=tuple(read_dsns), score_chips=score_chips)
+        sampling=sampling, read_dsns=tuple(read_dsns), score_chips=score_chips, nproc=nproc)
     click.echo(str(report))
     if report.interrupted:
         sys.exit(130)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -16,6 +17,9 @@ from pggeolearn import errors
 BLOCKS = ("plain", "residual")
 HEADS = ("refine", "bilinear")
 LOSSES = ("ce", "ce+dice")
+# data parallel (train --nproc): called by train_step with this rank's loss weight sum before
+# the forward pass; returns what every rank agreed on: (the global batch's weight sum, the lr)
+StepSync = Callable[[float], tuple[float, float]]
 DEVICE_RE = re.compile(r"^(auto|cpu|gpu)(?::(\d+(?:,\d+)*))?$")
 
 

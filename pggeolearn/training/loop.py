@@ -21,12 +21,18 @@ validates it after every epoch on the spatially held-out ``val`` split:
   Ctrl-C stops at once: the last finished epoch's checkpoint is in the run row, the best model
   so far is saved, and the report says how to resume.
 * The model is stored in the registry (:mod:`pggeolearn.training.registry`) at the end.
+* **Several processes** (``nproc``, torchrun, MXNet's launcher): each rank trains on its shard
+  of every split in a :class:`~pggeolearn.training.group.Group`; the ranks take equal step
+  counts, agree on each step's loss denominator, learning rate and stop request, sum the val
+  confusion matrices; rank 0 alone writes the run, checkpoints and model
+  (:mod:`pggeolearn.training.launch`).
 
 Only numpy and the database are imported here; the framework module is imported on demand.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import itertools
 import json
@@ -51,10 +57,12 @@ from pggeolearn.training import metrics as M
 from pggeolearn.training.common import (
     LOSSES,
     Architecture,
+    StepSync,
     json_safe,
     map_error,
     parse_device,
 )
+from pggeolearn.training.group import Group
 from pggeolearn.training.registry import ModelRecord
 
 __all__ = ["EarlyStopping", "TrainOptions", "TrainReport", "class_weights", "label_lut", "lr_at",
@@ -199,6 +207,8 @@ class TrainOptions:
     sampling: str | None = None  # SQL (tile_id, weight) over the chip store: weighted train epochs
     read_dsns: tuple[str, ...] = ()  # stream chips from these servers (primary + replicas)
     score_chips: bool = False  # after training: each train chip's loss and IoU -> chip_scores
+    # called in every rank after each train step: (rank, epoch, tile ids of the unpadded chips)
+    on_chips: Callable[[int, int, np.ndarray], None] | None = None
 
     def resolved(self, stored: dict[str, Any] | None = None) -> TrainOptions:
         """A copy with every None filled from ``stored`` (a checkpoint's) or the defaults."""
@@ -276,6 +286,10 @@ class TrainReport:
     val_chips: int = 0
     train_chips: int = 0
     notes: list[str] = field(default_factory=list)
+    nproc: int = 1
+    rank: int = 0  # data parallel: only rank 0's report has the model and the run
+    weights_sha256: str | None = None  # of the final weights (data parallel: each rank's, equal)
+    rank_weights: list[str] = field(default_factory=list)  # --nproc: weights_sha256 of every rank
 
     @property
     def interrupted(self) -> bool:
@@ -310,7 +324,11 @@ class TrainReport:
 
     def __str__(self) -> str:
         m, s = divmod(int(round(self.seconds)), 60)
-        head = (f"model {self.model} ({self.framework} on {self.device}), dataset {self.dataset}: "
+        if self.rank:
+            return (f"rank {self.rank} of {self.nproc}: {len(self.history)} epoch(s) in {m}m{s:02d}s; "
+                    f"stopped: {self.stopped} (rank 0 reports the run and stores the model)")
+        on = self.device if self.nproc == 1 else f"{self.nproc} processes, rank 0 on {self.device}"
+        head = (f"model {self.model} ({self.framework} on {on}), dataset {self.dataset}: "
                 f"{len(self.history)} epoch(s) run"
                 + (f" (resumed after epoch {self.resumed_from})" if self.resumed_from else "")
                 + f" in {m}m{s:02d}s; stopped: {self.stopped}; run {self.run_id}")
@@ -411,6 +429,13 @@ def _class_counts(conn: psycopg.Connection, dataset: str, split: str, ids: Seque
 # the loop
 
 
+def check_nproc(nproc: int, train_chips: int, dataset: str) -> None:
+    """Every process needs at least one train chip per epoch."""
+    if nproc > train_chips:
+        raise errors.ConfigError(f"--nproc {nproc} is more than the {train_chips} train chips of "
+                                 f"dataset {dataset}: every process needs at least one")
+
+
 def _framework(name: str) -> Any:
     if name == "mxnet":
         from pggeolearn.training import models_mx
@@ -428,32 +453,54 @@ def _model_class(module: Any) -> Any:
     return module.MxModel if module.FRAMEWORK == "mxnet" else module.TorchModel
 
 
-def train(dsn: str | None, dataset: str, model_name: str, **options: Any) -> TrainReport:
+def train(dsn: str | None, dataset: str, model_name: str, *, nproc: int = 1,
+          **options: Any) -> TrainReport:
     """Train a U-Net on ``dataset``'s train split, validate on val, store it as ``model_name``.
 
     ``options`` are the fields of :class:`TrainOptions` (``framework``, ``epochs``,
     ``batch_size``, ``lr``, ``schedule``, ``device``, ``seed``, ``width``, ``depth``,
     ``stem_stride``, ``class_weights``, ``augment``, ``weight_decay``, ``patience``,
     ``time_limit_min``, ``overwrite``, ``resume``, ``plot``, ``progress``, ``on_epoch``).
+    ``nproc`` > 1 trains data-parallel in that many processes on this machine; a process that
+    torchrun or MXNet's launcher started is one rank of theirs (:mod:`pggeolearn.training.launch`).
     Errors a user can cause are one-line :class:`~pggeolearn.errors.PggeolearnError`s and leave
     no model behind. Ctrl-C returns a report whose ``stopped`` starts with ``interrupted``.
     """
-    try:
-        opts = TrainOptions(**options)
-    except TypeError as exc:
-        raise errors.ConfigError(f"unknown training option: {exc}") from None
+    opts = _options(options)
     if not NAME_RE.match(model_name or ""):
         raise errors.ConfigError(f"bad model name {model_name!r}: letters, digits, '_', '.', '-' (max 63)")
+    from pggeolearn.training import launch  # no framework imported until a rank needs one
+
+    if nproc != 1:
+        return launch.train_parallel(dsn, dataset, model_name, nproc, opts)
+    launcher = launch.launched_by()
+    if launcher is not None:
+        return launch.train_launched(dsn, dataset, model_name, opts, launcher)
+    return train_rank(dsn, dataset, model_name, opts)
+
+
+def _options(options: dict[str, Any]) -> TrainOptions:
+    try:
+        return TrainOptions(**options)
+    except TypeError as exc:
+        raise errors.ConfigError(f"unknown training option: {exc}") from None
+
+
+def train_rank(dsn: str | None, dataset: str, model_name: str, opts: TrainOptions,
+               group: Group | None = None, stop: Any = None) -> TrainReport:
+    """One process's training: all of it, or rank ``group.rank`` of a data-parallel group;
+    ``stop`` (an Event) set in any rank ends every rank after the same step, like Ctrl-C."""
     with connect(dsn, autocommit=True, application_name=f"pggeolearn train {model_name}"[:63]) as conn:
-        return _Training(conn, dsn, dataset, model_name, opts).run()
+        return _Training(conn, dsn, dataset, model_name, opts, group or Group(), stop).run()
 
 
 class _Training:
     """The state of one call of :func:`train`."""
 
     def __init__(self, conn: psycopg.Connection, dsn: str | None, dataset: str, model_name: str,
-                 opts: TrainOptions):
+                 opts: TrainOptions, group: Group, stop: Any = None):
         self.conn, self.dsn, self.dataset_name, self.name = conn, dsn, dataset, model_name
+        self.group, self.stop = group, stop
         self.started = time.perf_counter()
         require_schema(conn)
         self.ds = datasets.get(conn, dataset)
@@ -525,6 +572,9 @@ class _Training:
                                            normalization=self.normalization, lr=o.lr,
                                            weight_decay=o.weight_decay, loss=o.loss)
         self.model.label_lut = label_lut(self.class_ids)
+        if group.world > 1:
+            check_nproc(group.world, counts["train"], self.ds.name)
+            self.model.distribute(group)
         ndev = len(getattr(self.model, "ctx", [None]))
         if ndev > o.batch_size:
             raise errors.ConfigError(f"--batch-size {o.batch_size} is smaller than the {ndev} devices "
@@ -569,6 +619,11 @@ class _Training:
         params = {"options": self._options_json(), "architecture": self.arch.to_json(),
                   "device": model.device, "resumed_from_run": getattr(self, "resumed_run", None),
                   "package_version": __version__}
+        if self.group.world > 1:
+            params["nproc"] = self.group.world
+        if not self.group.lead:  # rank 0 writes the run, the checkpoints and the model
+            self.run = None
+            return self._epochs(model, stopper, start_epoch, history, best_weights, resumed_from)
         # reserves the model name: a second concurrent `train --model X` is refused here, at once
         self.run = runs.Run.start(self.dsn, "train", model=self.name, dataset=self.ds.name, params=params)
         with self.run:  # fails the run on an error not handled below (e.g. at save), then closes it
@@ -576,16 +631,18 @@ class _Training:
 
     def _epochs(self, model, stopper: EarlyStopping, start_epoch: int, history: list,
                 best_weights: bytes | None, resumed_from: int | None) -> TrainReport:
-        o, run_id = self.opts, self.run.run_id
+        o, lead = self.opts, self.group.lead
+        run_id = self.run.run_id if lead else 0
         report = TrainReport(
             model=self.name, dataset=self.ds.name, framework=o.framework, device=model.device,
             run_id=run_id, classes=self.classes, history=history, best_epoch=stopper.best_epoch,
             best=None, baselines=self.baselines, stopped="completed", seconds=0.0,
             epochs_asked=o.epochs, resumed_from=resumed_from, val_chips=self.counts.get("val", 0),
-            train_chips=self.counts.get("train", 0), notes=self.notes)
+            train_chips=self.counts.get("train", 0), notes=self.notes, nproc=self.group.world,
+            rank=self.group.rank)
         limit_s = o.time_limit_min * 60 if o.time_limit_min else None
         t_start = time.perf_counter()
-        steps_per_epoch = math.ceil(self.counts["train"] / o.batch_size)
+        steps_per_epoch = self._steps_per_epoch()
         status, error = "done", None
         try:
             for epoch in range(start_epoch, o.epochs):
@@ -597,38 +654,43 @@ class _Training:
                         p = max(p, (time.perf_counter() - t_start) / limit_s)
                     return p
 
-                train_loss, lr, data_wait = self._train_epoch(epoch, progress)
+                train_loss, lr, data_wait, chips = self._train_epoch(epoch, progress, steps_per_epoch)
                 val = self._validate(epoch)
                 record = {"epoch": epoch + 1, "lr": lr, "train_loss": train_loss,
                           "val": val.to_json(), "seconds": time.perf_counter() - t0,
                           "data_wait": data_wait}
+                if self.group.world > 1:  # chips trained by all ranks: the train split, once
+                    record["chips"] = chips
                 if data_wait > DATA_WAIT_WARN:
                     self._warn_data_wait(epoch + 1, data_wait)
                 history.append(record)
                 improved = stopper.update(val.miou)
                 if improved:
                     best_weights = model.get_weights()
-                if o.progress:
+                if o.progress and lead:
                     tqdm.write(f"epoch {epoch + 1}/{o.epochs}: train loss {train_loss:.4f}, val loss "
                                f"{val.loss:.4f}, val mIoU {val.miou:.3f}, {record['seconds']:.1f} s, "
                                f"data wait {100 * data_wait:.1f} %"
                                + (" (best)" if improved else ""))
                 report.best_epoch = stopper.best_epoch
-                self._checkpoint(run_id, {**stopper.state(), "history": history}, best_weights)
-                if o.on_epoch is not None:
-                    o.on_epoch(dict(record))
-                if stopper.should_stop:
+                if lead:
+                    self._checkpoint(run_id, {**stopper.state(), "history": history}, best_weights)
+                    if o.on_epoch is not None:
+                        o.on_epoch(dict(record))
+                if stopper.should_stop:  # val scores are reduced over the ranks: all agree
                     report.stopped = f"early stopping (val mIoU not better for {stopper.bad} epochs)"
                     break
                 if limit_s and epoch + 1 < o.epochs:
-                    spent = time.perf_counter() - t_start
+                    # rank 0's clock decides for every rank
+                    spent, epoch_s = self.group.allreduce(
+                        [time.perf_counter() - t_start, record["seconds"]] if lead else [0.0, 0.0])
                     if spent >= limit_s:
                         report.stopped = f"time limit ({o.time_limit_min:g} min) after epoch {epoch + 1}"
                         break
-                    if spent + record["seconds"] > limit_s:  # the next epoch would not fit
+                    if spent + epoch_s > limit_s:  # the next epoch would not fit
                         report.stopped = (f"time limit ({o.time_limit_min:g} min): after epoch "
                                           f"{epoch + 1} ({spent:.0f} s spent) another "
-                                          f"{record['seconds']:.0f} s epoch would not fit")
+                                          f"{epoch_s:.0f} s epoch would not fit")
                         break
         except KeyboardInterrupt:
             done = history[-1]["epoch"] if history else 0
@@ -642,12 +704,19 @@ class _Training:
                     f"{str(err).splitlines()[0]}; run {run_id} failed after epoch {history[-1]['epoch']}, "
                     f"resume with: pggeolearn train {self.ds.name} --model {self.name} --resume")
             # the database gone too: the run is marked failed by the next command that looks
-            self.run.fail(str(err) or type(err).__name__, self._outputs(history, stopper.best_epoch, "failed"))
+            if lead:
+                self.run.fail(str(err) or type(err).__name__,
+                              self._outputs(history, stopper.best_epoch, "failed"))
             if mapped is not None:
                 raise mapped from exc
             raise
         report.seconds = time.perf_counter() - self.started
         best_epoch = stopper.best_epoch
+        if self.group.world > 1:
+            report.weights_sha256 = hashlib.sha256(model.get_weights()).hexdigest()
+        if not lead:
+            report.best_epoch = best_epoch
+            return report
         if best_epoch is not None:
             report.best = _scores(history[best_epoch - 1]["val"])
             self._save_model(history, best_epoch, best_weights, report.stopped)
@@ -681,30 +750,66 @@ class _Training:
         """Where the chips stream from: the read replicas given, else the training's server."""
         return list(self.opts.read_dsns) if self.opts.read_dsns else self.dsn
 
-    def _train_epoch(self, epoch: int, progress: Callable[[int], float]) -> tuple[float, float, float]:
-        """One epoch of training: ``(mean loss, last lr, data wait)``, the data wait being the
-        share of the epoch's wall time spent waiting for the next batch."""
-        o, model = self.opts, self.model
+    def _steps_per_epoch(self) -> int:
+        """Train steps every rank takes per epoch: those of the largest shard (rank 0's), so
+        that all ranks step together; a smaller shard ends with steps whose samples are all
+        padding, which carry no loss (each chip is still trained on exactly once)."""
+        return math.ceil(math.ceil(self.counts["train"] / self.group.world) / self.opts.batch_size)
+
+    def _step_sync(self, progress: Callable[[int], float], step: int) -> StepSync:
+        """What the ranks agree on before a step: the global weight sum, rank 0's learning rate,
+        and whether any rank was asked to stop (raised after the step, in every rank)."""
+        o, group = self.opts, self.group
+
+        def sync(weight_sum: float) -> tuple[float, float]:
+            lr = lr_at(o.schedule, o.lr, progress(step)) if group.lead else 0.0
+            stop = float(self.stop is not None and self.stop.is_set())
+            total, lr, self._stopping = (float(v) for v in group.allreduce([weight_sum, lr, stop]))
+            self._lr = lr  # a float: numpy scalars in the optimizer state fail weights_only loads
+            return total, lr
+
+        return sync
+
+    def _train_epoch(self, epoch: int, progress: Callable[[int], float],
+                     steps: int) -> tuple[float, float, float, int]:
+        """One epoch of training: ``(mean loss, last lr, data wait, chips)``, the data wait
+        being the share of the epoch's wall time spent waiting for the next batch, chips the
+        unpadded samples trained on by all ranks."""
+        o, model, group = self.opts, self.model, self.group
         total, n, lr = 0.0, 0, lr_at(o.schedule, o.lr, progress(0))
+        chips, self._stopping = 0, 0.0
         waited, started = 0.0, time.perf_counter()
         batches = model.batches(self._read_dsn, self.ds.name, "train", batch_size=o.batch_size,
                                 shuffle=True, augment=o.augment, seed=o.seed, epoch=epoch,
                                 jitter=o.jitter, **({"sampling": o.sampling} if o.sampling else {}))
-        bar = tqdm(batches, total=math.ceil(self.counts["train"] / o.batch_size),
-                   desc=f"epoch {epoch + 1}/{o.epochs} train", unit="batch", leave=False,
-                   disable=not o.progress, dynamic_ncols=True)
+        bar = tqdm(batches, total=steps, desc=f"epoch {epoch + 1}/{o.epochs} train", unit="batch",
+                   leave=False, disable=not (o.progress and group.lead), dynamic_ncols=True)
         try:
-            it = iter(bar)
+            it, last = iter(bar), None
             for step in itertools.count():
                 model.sync()  # the previous step's compute is compute, not waiting for data
                 t = time.perf_counter()
                 item = next(it, None)
                 waited += time.perf_counter() - t
                 if item is None:
-                    break
+                    if step >= steps or last is None:
+                        break
+                    item = (last[0], last[1], o.batch_size)  # this shard is done: all padding
+                last = item
                 images, labels, pad = item
-                lr = lr_at(o.schedule, o.lr, progress(step))
-                loss = model.train_step(images, labels, pad, lr, self.weights)  # synchronous
+                kept = o.batch_size - pad
+                if o.on_chips is not None and kept:
+                    o.on_chips(group.rank, epoch, np.array(model.last_tile_ids[:kept]))
+                chips += kept
+                if group.world > 1:
+                    loss = model.train_step(images, labels, pad, lr, self.weights,
+                                            sync=self._step_sync(progress, step))
+                    lr = self._lr
+                    if self._stopping:
+                        raise KeyboardInterrupt
+                else:
+                    lr = lr_at(o.schedule, o.lr, progress(step))
+                    loss = model.train_step(images, labels, pad, lr, self.weights)  # synchronous
                 total += loss
                 n += 1
                 bar.set_postfix(loss=f"{total / n:.4f}", lr=f"{lr:.1e}", refresh=False)
@@ -713,8 +818,11 @@ class _Training:
             close = getattr(batches, "close", None)
             if close is not None:
                 close()
+        if group.world > 1:  # the ranks' shares of each step's loss add up to the step's
+            model.average_buffers()
+            total, chips = group.allreduce([total, chips])
         elapsed = time.perf_counter() - started
-        return (total / n if n else math.nan), lr, (waited / elapsed if elapsed > 0 else 0.0)
+        return (total / n if n else math.nan), lr, (waited / elapsed if elapsed > 0 else 0.0), int(chips)
 
     def _warn_data_wait(self, epoch: int, share: float) -> None:
         """Once per run: training waited for data more than it should (stored per epoch)."""
@@ -724,7 +832,8 @@ class _Training:
             f"data wait {100 * share:.0f} % of epoch {epoch} (above {100 * DATA_WAIT_WARN:.0f} %): the "
             "model waits for chips; stream from more servers (--read-dsn) or a closer one, or "
             "raise --batch-size")
-        log.warning(self.notes[-1])
+        if self.group.lead:
+            log.warning(self.notes[-1])
 
     def _validate(self, epoch: int) -> M.Scores:
         o, model = self.opts, self.model
@@ -732,9 +841,10 @@ class _Training:
         loss_sum = w_sum = 0.0
         batches = model.batches(self._read_dsn, self.ds.name, "val", batch_size=o.batch_size,
                                 shuffle=False, augment=False, seed=o.seed, epoch=0)
-        bar = tqdm(batches, total=math.ceil(self.counts["val"] / o.batch_size),
+        shard = math.ceil(self.counts["val"] / self.group.world)
+        bar = tqdm(batches, total=math.ceil(shard / o.batch_size),
                    desc=f"epoch {epoch + 1}/{o.epochs} val", unit="batch", leave=False,
-                   disable=not o.progress, dynamic_ncols=True)
+                   disable=not (o.progress and self.group.lead), dynamic_ncols=True)
         try:
             for images, labels, pad in bar:
                 s, w, pred, true = model.eval_step(images, labels, pad, self.weights)
@@ -746,6 +856,9 @@ class _Training:
             close = getattr(batches, "close", None)
             if close is not None:
                 close()
+        if self.group.world > 1:  # each rank validated its shard of val: the sums are val's
+            cm = self.group.allreduce(cm, counts=True).astype(np.int64)
+            loss_sum, w_sum = self.group.allreduce([loss_sum, w_sum])
         return M.scores(cm, loss_sum / w_sum if w_sum else math.nan)
 
     # -- saving ------------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ from pggeolearn.mxnet import GeoIter, mx
 from pggeolearn.training import common as C
 from pggeolearn.training import metrics as M
 from pggeolearn.training.common import Architecture
+from pggeolearn.training.group import Group, average_buffers
 
 gluon = mx.gluon
 nn = mx.gluon.nn
@@ -234,22 +235,44 @@ class MxModel:
         self.label_lut: np.ndarray | None = None  # class id -> channel, when ids are not 0..K-1
         self._norm: dict[str, tuple[Any, Any]] = {}
         self.trainer = None
+        self.group: Group = Group()
+        self.last_tile_ids: np.ndarray | None = None  # of the batch batches() yielded last
+        self._adam = {"learning_rate": lr, "wd": weight_decay}
         if train:
             # updates on the devices (not in a kvstore): the optimizer state can be saved
-            self.trainer = gluon.Trainer(self.net.collect_params(), "adam",
-                                         {"learning_rate": lr, "wd": weight_decay},
+            self.trainer = gluon.Trainer(self.net.collect_params(), "adam", dict(self._adam),
                                          update_on_kvstore=False)
+
+    def distribute(self, group: Group) -> None:
+        """Train data-parallel in ``group`` (an :class:`MxGroup`): the trainer sums the
+        gradients of all ranks through the ``dist_sync`` kvstore and updates on each rank
+        (same seed, so the same initial weights; the same sums, so the same steps)."""
+        self.group = group
+        self.trainer = gluon.Trainer(self.net.collect_params(), "adam", dict(self._adam),
+                                     kvstore=group.kv, update_on_kvstore=False)
+
+    def average_buffers(self) -> None:
+        """BatchNorm running statistics (no gradient carries them) averaged over the ranks,
+        on every context."""
+        aux = [p for p in self.net.collect_params().values() if p.grad_req == "null"]
+
+        def put(p: Any, v: np.ndarray) -> None:
+            p.set_data(mx.nd.array(v, dtype=p.dtype))
+
+        average_buffers(self.group, aux, lambda p: p.data(self.ctx[0]).asnumpy(), put)
 
     # -- data ------------------------------------------------------------------------------
     def batches(self, dsn: str | Sequence[str] | None, dataset: str, split: str, *, batch_size: int,
                 shuffle: bool, augment: bool, seed: int, epoch: int, jitter: float = 0.0,
                 **stream: Any) -> Iterator[tuple[Any, Any, int]]:
-        """``(images, labels, pad)`` of one epoch through :class:`~pggeolearn.mxnet.GeoIter`,
-        normalized on the first context, colour-jittered when ``augment`` and ``jitter``;
-        ``stream``: more GeoStream options (``sampling``)."""
+        """``(images, labels, pad)`` of one epoch through :class:`~pggeolearn.mxnet.GeoIter`
+        (this rank's shard), normalized on the first context, colour-jittered when ``augment``
+        and ``jitter``; ``stream``: more GeoStream options (``sampling``)."""
+        rank, world = self.group.shard()
         it = GeoIter(dsn, dataset, split=split, batch_size=batch_size, ctx=self.ctx[0],
                      shuffle=shuffle, seed=seed, epoch=epoch, last_batch="pad",
-                     augment=augment, normalize=self._norm_arg(), label_dtype="float32", **stream)
+                     augment=augment, normalize=self._norm_arg(), label_dtype="float32",
+                     num_parts=world, part_index=rank, **stream)
         lut = None if self.label_lut is None else mx.nd.array(self.label_lut, ctx=self.ctx[0])
         try:
             for step, batch in enumerate(it):
@@ -262,6 +285,7 @@ class MxModel:
                 # NODATA pixels: out of the loss and the metrics
                 label = mx.nd.where(batch.valid > 0, label, mx.nd.full(label.shape, M.IGNORE,
                                                                       ctx=label.context))
+                self.last_tile_ids = np.asarray(batch.index)
                 yield images, label, int(batch.pad)
         finally:
             it.close()
@@ -317,21 +341,28 @@ class MxModel:
         mx.nd.waitall()
 
     def train_step(self, images: Any, labels: Any, pad: int, lr: float,
-                   class_weights: np.ndarray | None) -> float:
-        """One optimizer step on a batch; returns its mean (weighted) loss."""
-        self.trainer.set_learning_rate(lr)
+                   class_weights: np.ndarray | None, sync: C.StepSync | None = None) -> float:
+        """One optimizer step on a batch; returns its mean (weighted) loss. With ``sync``
+        (data parallel) the loss is this rank's share of the global batch's: see
+        :data:`~pggeolearn.training.common.StepSync`."""
         weights = self._weights(labels, pad, class_weights)
+        total_w = None
+        if sync is not None:  # the kvstore sums the ranks' gradients: shares of the global loss
+            total_w, lr = sync(float(mx.nd.sum(weights).asscalar()))
+        self.trainer.set_learning_rate(lr)
         xs, ys, ws = self._split(images), self._split(labels), self._split(weights)
         with autograd.record():
             logits = [self.net(x) for x in xs]
             parts = [self._loss(z, y, w) for z, y, w in zip(logits, ys, ws, strict=True)]
-            total_w = sum(float(p[1].asscalar()) for p in parts) if len(parts) > 1 else None
+            if total_w is None and len(parts) > 1:
+                total_w = sum(float(p[1].asscalar()) for p in parts)
             if total_w is None:
                 losses = [p[0] / mx.nd.maximum(p[1], 1e-12) for p in parts]
             else:
                 losses = [p[0] / max(total_w, 1e-12) for p in parts]
             if self.loss == "ce+dice":
-                losses = [loss + self._dice(z, y, w) / len(xs)
+                k = len(xs) * self.group.world
+                losses = [loss + self._dice(z, y, w) / k
                           for loss, z, y, w in zip(losses, logits, ys, ws, strict=True)]
         autograd.backward(losses)
         self.trainer.step(1)

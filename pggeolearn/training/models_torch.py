@@ -3,6 +3,7 @@ PyTorch side of training. torch is imported only here and in :mod:`pggeolearn.to
 
 from __future__ import annotations
 
+import inspect
 import io
 import os
 from collections.abc import Iterator, Sequence
@@ -17,6 +18,7 @@ from pggeolearn.torch import make_loader
 from pggeolearn.training import common as C
 from pggeolearn.training import metrics as M
 from pggeolearn.training.common import Architecture
+from pggeolearn.training.group import Group, average_buffers
 
 FRAMEWORK = "torch"
 
@@ -192,6 +194,34 @@ class TorchModel:
         self.optimizer = torch.optim.Adam(self.net.parameters(), lr=lr, weight_decay=weight_decay) \
             if train else None
         self.net.train(train)
+        self.group: Group = Group()
+        self.ddp: nn.Module | None = None  # the net wrapped in DistributedDataParallel (--nproc)
+        self.last_tile_ids: np.ndarray | None = None  # of the batch batches() yielded last
+
+    def distribute(self, group: Group) -> None:
+        """Train data-parallel in ``group`` (a :class:`TorchGroup`): DDP averages the gradients
+        over the ranks in every backward; its constructor gives every rank rank 0's weights.
+        BatchNorm statistics are averaged per epoch (:meth:`average_buffers`), not broadcast."""
+        from torch.nn.parallel import DistributedDataParallel
+
+        self.group = group
+        ids = None
+        if self.dev.type == "cuda":  # NCCL's communicator on this rank's GPU, not on GPU 0
+            torch.cuda.set_device(self.dev)
+            ids = [self.dev.index]
+        # no buffer broadcast before each forward (torch 2.13 renamed the option)
+        sync = "forward_sync_buffers" if "forward_sync_buffers" in \
+            inspect.signature(DistributedDataParallel).parameters else "broadcast_buffers"
+        self.ddp = DistributedDataParallel(self.net, device_ids=ids, **{sync: False})
+
+    def average_buffers(self) -> None:
+        """BatchNorm running statistics averaged over the ranks (each saw its own batches)."""
+        bufs = [b for b in self.net.buffers() if b.is_floating_point()]
+
+        def put(b: torch.Tensor, v: np.ndarray) -> None:
+            b.copy_(torch.from_numpy(v))
+
+        average_buffers(self.group, bufs, lambda b: b.detach().cpu().double().numpy(), put)
 
     def _normalize(self, images: torch.Tensor) -> torch.Tensor:
         x = images.to(self.dev, non_blocking=True).float()
@@ -203,12 +233,14 @@ class TorchModel:
     def batches(self, dsn: str | Sequence[str] | None, dataset: str, split: str, *, batch_size: int,
                 shuffle: bool, augment: bool, seed: int, epoch: int, jitter: float = 0.0,
                 **stream: Any) -> Iterator[tuple[Any, Any, int]]:
-        """``(images, labels, pad)`` of one epoch through :func:`pggeolearn.torch.make_loader`,
-        normalized on the device, colour-jittered when ``augment`` and ``jitter``;
-        ``stream``: more GeoStream options (``sampling``)."""
+        """``(images, labels, pad)`` of one epoch through :func:`pggeolearn.torch.make_loader`
+        (this rank's shard), normalized on the device, colour-jittered when ``augment`` and
+        ``jitter``; ``stream``: more GeoStream options (``sampling``)."""
+        rank, world = self.group.shard()
         loader = make_loader(dsn, dataset, split=split, batch_size=batch_size, epoch=epoch,
                              shuffle=shuffle, seed=seed, augment=augment, last_batch="pad",
-                             normalize=False, pin_memory=self.dev.type == "cuda", **stream)
+                             normalize=False, pin_memory=self.dev.type == "cuda",
+                             rank=rank, world_size=world, **stream)
         lut = None if self.label_lut is None else torch.as_tensor(self.label_lut, device=self.dev).long()
         for step, batch in enumerate(loader):
             images = self._normalize(batch["image"])
@@ -220,6 +252,7 @@ class TorchModel:
                 label = lut[label]
             # NODATA pixels: out of the loss and the metrics
             label = label.masked_fill(~batch["valid"].to(self.dev, non_blocking=True), M.IGNORE)
+            self.last_tile_ids = batch["tile_id"].numpy()
             yield images, label, int(batch["pad"])
 
     # -- one step ----------------------------------------------------------------------------
@@ -257,19 +290,28 @@ class TorchModel:
             torch.cuda.synchronize(self.dev)
 
     def train_step(self, images: torch.Tensor, labels: torch.Tensor, pad: int, lr: float,
-                   class_weights: np.ndarray | None) -> float:
-        """One optimizer step on a batch; returns its mean (weighted) loss."""
+                   class_weights: np.ndarray | None, sync: C.StepSync | None = None) -> float:
+        """One optimizer step on a batch; returns its mean (weighted) loss. With ``sync``
+        (data parallel) the loss is this rank's share of the global batch's: see
+        :data:`~pggeolearn.training.common.StepSync`."""
         self.net.train()
+        w = self._weights(labels, pad, class_weights)
+        if sync is not None:
+            total, lr = sync(float(w.sum()))
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        w = self._weights(labels, pad, class_weights)
-        logits = self.net(images)
+        logits = (self.ddp or self.net)(images)
         s, n = self._loss(logits, labels, w)
-        loss = s / n.clamp_min(1e-12)
-        if self.loss == "ce+dice":
-            loss = loss + self._dice(logits, labels, w)
+        dice = self._dice(logits, labels, w) if self.loss == "ce+dice" else None
+        if sync is None:
+            loss = s / n.clamp_min(1e-12)
+            objective = loss = loss if dice is None else loss + dice
+        else:  # DDP averages gradients over the ranks: scaled, the shares sum to the global loss
+            share = s / max(total, 1e-12)
+            objective = share * self.group.world + (0 if dice is None else dice)
+            loss = share + (0 if dice is None else dice / self.group.world)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        objective.backward()
         self.optimizer.step()
         return float(loss.detach())
 
