@@ -36,10 +36,50 @@ from typing import Any
 from pggeolearn import datasets, errors
 from pggeolearn.db.connect import connect
 from pggeolearn.training.common import parse_device
+from pggeolearn.training.loop import (
+    DEFAULTS,
+    NAME_RE,
+    TrainOptions,
+    TrainReport,
+    check_nproc,
+    split_counts,
+    train_rank,
+)
 
 GRACE_S = 60.0  # after Ctrl-C: how long the ranks get to finish the step and save
 TERM_S = 5.0  # after SIGTERM: how long before SIGKILL
 ADDR = "127.0.0.1"
+
+
+def train(dsn: str | None, dataset: str, model_name: str, *, nproc: int = 1,
+          **options: Any) -> TrainReport:
+    """Train a U-Net on ``dataset``'s train split, validate on val, store it as ``model_name``.
+
+    ``options`` are the fields of :class:`TrainOptions` (``framework``, ``epochs``,
+    ``batch_size``, ``lr``, ``schedule``, ``device``, ``seed``, ``width``, ``depth``,
+    ``stem_stride``, ``class_weights``, ``augment``, ``weight_decay``, ``patience``,
+    ``time_limit_min``, ``overwrite``, ``resume``, ``plot``, ``progress``, ``on_epoch``).
+    ``nproc`` > 1 trains data-parallel in that many processes on this machine; a process that
+    torchrun or MXNet's launcher started is one rank of theirs (:func:`train_launched`).
+    Errors a user can cause are one-line :class:`~pggeolearn.errors.PggeolearnError`s and leave
+    no model behind. Ctrl-C returns a report whose ``stopped`` starts with ``interrupted``.
+    """
+    opts = _options(options)
+    if not NAME_RE.match(model_name or ""):
+        raise errors.ConfigError(f"bad model name {model_name!r}: letters, digits, '_', '.', '-' (max 63)")
+    if nproc != 1:
+        return train_parallel(dsn, dataset, model_name, nproc, opts)
+    launcher = launched_by()
+    if launcher is not None:
+        return train_launched(dsn, dataset, model_name, opts, launcher)
+    return train_rank(dsn, dataset, model_name, opts)
+
+
+def _options(options: dict[str, Any]) -> TrainOptions:
+    try:
+        return TrainOptions(**options)
+    except TypeError as exc:
+        raise errors.ConfigError(f"unknown training option: {exc}") from None
 
 
 def dist_timeout_s() -> float:
@@ -62,8 +102,6 @@ def die_with_parent() -> None:
 
 def _framework_of(dsn: str | None, model_name: str, opts: Any) -> str:
     """The framework the ranks will train with (on --resume: the checkpoint's)."""
-    from pggeolearn.training.loop import DEFAULTS
-
     if opts.framework is not None or not opts.resume:
         return opts.framework or DEFAULTS["framework"]
     with connect(dsn, autocommit=True) as conn:
@@ -93,13 +131,11 @@ def rank_device(device: str, rank: int, world: int, gpus: int) -> str:
 def train_parallel(dsn: str | None, dataset: str, model_name: str, nproc: int, opts: Any):
     """Train in ``nproc`` processes; returns rank 0's TrainReport (``rank_weights``: the
     digest of every rank's final weights)."""
-    from pggeolearn.training.loop import _split_counts, check_nproc
-
     if not isinstance(nproc, int) or nproc < 1:
         raise errors.ConfigError(f"--nproc must be >= 1, not {nproc}")
     with connect(dsn, autocommit=True) as conn:
         ds = datasets.get(conn, dataset)
-        check_nproc(nproc, _split_counts(conn, ds.name).get("train", 0), ds.name)
+        check_nproc(nproc, split_counts(conn, ds.name).get("train", 0), ds.name)
     framework = _framework_of(dsn, model_name, opts)
     on_epoch = opts.on_epoch
     child_opts = replace(opts, on_epoch=None)
@@ -238,8 +274,6 @@ def _worker(spec: dict[str, Any], index: int, results: Any, stop: Any) -> None:
         os.environ["DMLC_ROLE"] = "worker"
     rank, group = index, None
     try:
-        from pggeolearn.training.loop import train_rank
-
         group = _group(spec, index)
         rank = group.rank
         opts = spec["opts"]
@@ -295,8 +329,6 @@ def launched_by(environ: Any = os.environ) -> str | None:
 def train_launched(dsn: str | None, dataset: str, model_name: str, opts: Any, launcher: str):
     """This process as one rank of a group an outside launcher started (several machines):
     rank 0 writes the run and the model and returns the full report, as with --nproc."""
-    from pggeolearn.training.loop import train_rank
-
     if launcher.startswith("mxnet-"):
         import pggeolearn.mxnet  # noqa: F401 - with DMLC_ROLE set, runs the role, then exits
 

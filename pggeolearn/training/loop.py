@@ -1,4 +1,5 @@
-"""Training orchestration, the same for MXNet and PyTorch: :func:`train`.
+"""Training orchestration, the same for MXNet and PyTorch: :func:`train_rank`, one process's
+training (:func:`pggeolearn.training.launch.train` decides how many processes run it).
 
 One call trains a U-Net on a dataset's ``train`` split straight from the chip store and
 validates it after every epoch on the spatially held-out ``val`` split:
@@ -66,7 +67,7 @@ from pggeolearn.training.group import Group
 from pggeolearn.training.registry import ModelRecord
 
 __all__ = ["EarlyStopping", "TrainOptions", "TrainReport", "class_weights", "label_lut", "lr_at",
-           "parse_device", "train"]
+           "parse_device", "split_counts", "train_rank"]
 
 log = logging.getLogger(__name__)
 NAME_RE = datasets.NAME_RE
@@ -175,9 +176,9 @@ class EarlyStopping:
 
 @dataclass
 class TrainOptions:
-    """What :func:`train` accepts. ``None`` means the default (:data:`DEFAULTS`), or on
-    ``resume`` the value the checkpoint was trained with; an explicit value that differs from
-    the checkpoint's is a ConfigError. ``epochs`` is the total (on resume: including those done)."""
+    """What :func:`~pggeolearn.training.launch.train` accepts. ``None`` means the default
+    (:data:`DEFAULTS`), or on ``resume`` the value the checkpoint was trained with; an explicit
+    value that differs from the checkpoint's is a ConfigError. ``epochs`` is the total (on resume: including those done)."""
 
     framework: str | None = None
     epochs: int = 20
@@ -265,7 +266,7 @@ class TrainOptions:
 
 @dataclass
 class TrainReport:
-    """What :func:`train` did; ``str()`` is the table the CLI prints."""
+    """What training did; ``str()`` is the table the CLI prints."""
 
     model: str
     dataset: str
@@ -390,7 +391,7 @@ def _latest_checkpoint(conn: psycopg.Connection, model: str) -> tuple[int, bytes
 # the database side
 
 
-def _split_counts(conn: psycopg.Connection, dataset: str) -> dict[str, int]:
+def split_counts(conn: psycopg.Connection, dataset: str) -> dict[str, int]:
     with db_errors(f"counting chips of {dataset}"):
         return dict(conn.execute(
             "SELECT coalesce(split, 'unassigned'), count(*) FROM pggeolearn.chips"
@@ -453,49 +454,17 @@ def _model_class(module: Any) -> Any:
     return module.MxModel if module.FRAMEWORK == "mxnet" else module.TorchModel
 
 
-def train(dsn: str | None, dataset: str, model_name: str, *, nproc: int = 1,
-          **options: Any) -> TrainReport:
-    """Train a U-Net on ``dataset``'s train split, validate on val, store it as ``model_name``.
-
-    ``options`` are the fields of :class:`TrainOptions` (``framework``, ``epochs``,
-    ``batch_size``, ``lr``, ``schedule``, ``device``, ``seed``, ``width``, ``depth``,
-    ``stem_stride``, ``class_weights``, ``augment``, ``weight_decay``, ``patience``,
-    ``time_limit_min``, ``overwrite``, ``resume``, ``plot``, ``progress``, ``on_epoch``).
-    ``nproc`` > 1 trains data-parallel in that many processes on this machine; a process that
-    torchrun or MXNet's launcher started is one rank of theirs (:mod:`pggeolearn.training.launch`).
-    Errors a user can cause are one-line :class:`~pggeolearn.errors.PggeolearnError`s and leave
-    no model behind. Ctrl-C returns a report whose ``stopped`` starts with ``interrupted``.
-    """
-    opts = _options(options)
-    if not NAME_RE.match(model_name or ""):
-        raise errors.ConfigError(f"bad model name {model_name!r}: letters, digits, '_', '.', '-' (max 63)")
-    from pggeolearn.training import launch  # no framework imported until a rank needs one
-
-    if nproc != 1:
-        return launch.train_parallel(dsn, dataset, model_name, nproc, opts)
-    launcher = launch.launched_by()
-    if launcher is not None:
-        return launch.train_launched(dsn, dataset, model_name, opts, launcher)
-    return train_rank(dsn, dataset, model_name, opts)
-
-
-def _options(options: dict[str, Any]) -> TrainOptions:
-    try:
-        return TrainOptions(**options)
-    except TypeError as exc:
-        raise errors.ConfigError(f"unknown training option: {exc}") from None
-
-
 def train_rank(dsn: str | None, dataset: str, model_name: str, opts: TrainOptions,
                group: Group | None = None, stop: Any = None) -> TrainReport:
-    """One process's training: all of it, or rank ``group.rank`` of a data-parallel group;
+    """One process's training (what :func:`pggeolearn.training.launch.train` runs in every
+    process): all of it, or rank ``group.rank`` of a data-parallel group;
     ``stop`` (an Event) set in any rank ends every rank after the same step, like Ctrl-C."""
     with connect(dsn, autocommit=True, application_name=f"pggeolearn train {model_name}"[:63]) as conn:
         return _Training(conn, dsn, dataset, model_name, opts, group or Group(), stop).run()
 
 
 class _Training:
-    """The state of one call of :func:`train`."""
+    """The state of one call of :func:`train_rank`."""
 
     def __init__(self, conn: psycopg.Connection, dsn: str | None, dataset: str, model_name: str,
                  opts: TrainOptions, group: Group, stop: Any = None):
@@ -504,7 +473,7 @@ class _Training:
         self.started = time.perf_counter()
         require_schema(conn)
         self.ds = datasets.get(conn, dataset)
-        counts = _split_counts(conn, self.ds.name)  # "NAME@N" of the current N is NAME
+        counts = split_counts(conn, self.ds.name)  # "NAME@N" of the current N is NAME
         _check_built(self.ds, counts)
         self.counts = counts
         r = self.ds.recipe

@@ -216,7 +216,7 @@ def map_error(exc: BaseException, batch_size: int) -> errors.PggeolearnError | N
 
 class MxModel:
     """A U-Net with its contexts, Adam trainer and (weighted) loss, behind the framework-neutral
-    interface that :func:`pggeolearn.training.loop.train` drives."""
+    interface that :func:`pggeolearn.training.loop.train_rank` drives."""
 
     framework = FRAMEWORK
 

@@ -162,7 +162,7 @@ def _threads() -> None:
 
 class TorchModel:
     """A U-Net with its device, Adam optimizer and (weighted) loss, behind the framework-neutral
-    interface that :func:`pggeolearn.training.loop.train` drives."""
+    interface that :func:`pggeolearn.training.loop.train_rank` drives."""
 
     framework = FRAMEWORK
 
