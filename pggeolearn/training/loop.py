@@ -178,7 +178,8 @@ class EarlyStopping:
 class TrainOptions:
     """What :func:`~pggeolearn.training.launch.train` accepts. ``None`` means the default
     (:data:`DEFAULTS`), or on ``resume`` the value the checkpoint was trained with; an explicit
-    value that differs from the checkpoint's is a ConfigError. ``epochs`` is the total (on resume: including those done)."""
+    value that differs from the checkpoint's is a ConfigError. ``epochs`` is the total (on resume:
+    including those done)."""
 
     framework: str | None = None
     epochs: int = 20
