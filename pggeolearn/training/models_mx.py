@@ -244,12 +244,15 @@ class MxModel:
                                          update_on_kvstore=False)
 
     def distribute(self, group: Group) -> None:
-        """Train data-parallel in ``group`` (an :class:`MxGroup`): the trainer sums the
-        gradients of all ranks through the ``dist_sync`` kvstore and updates on each rank
-        (same seed, so the same initial weights; the same sums, so the same steps)."""
+        """Train data-parallel in ``group`` (an :class:`MxGroup`): every rank starts from rank
+        0's weights, each step's gradients are summed over all ranks through the ``dist_sync``
+        kvstore, and each rank updates its own copy (the same sums, so the same steps)."""
         self.group = group
+        self._synced = [p for p in self.net.collect_params().values() if p.grad_req != "null"]
+        group.share_weights(self._synced)
+        # no kvstore: the update is local, on gradients sum_grads has already summed
         self.trainer = gluon.Trainer(self.net.collect_params(), "adam", dict(self._adam),
-                                     kvstore=group.kv, update_on_kvstore=False)
+                                     kvstore=None, update_on_kvstore=False)
 
     def average_buffers(self) -> None:
         """BatchNorm running statistics (no gradient carries them) averaged over the ranks,
@@ -365,6 +368,8 @@ class MxModel:
                 losses = [loss + self._dice(z, y, w) / k
                           for loss, z, y, w in zip(losses, logits, ys, ws, strict=True)]
         autograd.backward(losses)
+        if sync is not None:
+            self.group.sum_grads(self._synced)
         self.trainer.step(1)
         return float(sum(loss.asscalar() for loss in losses))
 
