@@ -30,10 +30,11 @@ for both; workers persist across epochs); epoch 1 is cold (files, caches, worker
 2 warm. The ratio is ours / TorchGeo at the same worker count.
 
 The TorchGeo venv: created once under ``~/.cache/pggeolearn/`` (``$XDG_CACHE_HOME``) and
-reused. It tries Python >= 3.12 with the newest TorchGeo, then Python 3.11 with TorchGeo 0.8.x
-(the last release for 3.11), each with the CPU build of torch (``torch==2.13.0+cpu``, or
-``$PGGEOLEARN_TORCH_SPEC``): a PyPI torch wheel without the ``+cpu`` label is a CUDA build that
-pulls gigabytes of nvidia-* packages, so it is never installed. PyPI's torchvision is such a
+reused. It tries, in order: Python >= 3.12 with the newest TorchGeo and the CPU build of torch
+(``torch==2.13.0+cpu``); the same with PyPI's torch (``torch==2.13.0``, a CUDA build: about
+5 GB of venv with its nvidia-* packages, still run on the CPU here; the script says so before it
+downloads); then Python 3.11 with TorchGeo 0.8.x (the last release for 3.11) and the CPU torch.
+``$PGGEOLEARN_TORCH_SPEC`` replaces every torch requirement. PyPI's torchvision is a
 CUDA build too: where its C++ ops do not load beside the CPU torch, the child declares the two
 op schemas torchvision 0.28 needs at import (no kernels; TorchGeo's datasets and samplers use
 no torchvision op) and the script prints that it did. ``--no-fallback`` insists on
@@ -55,9 +56,11 @@ from pathlib import Path
 
 TILE = 256
 MOSAIC = "imagery/banepa_train_mosaic_epsg3857.tif"
-TORCH_SPEC = os.environ.get("PGGEOLEARN_TORCH_SPEC", "torch==2.13.0+cpu")
-# (minimum Python, TorchGeo requirement): the newest TorchGeo first, then the last one for 3.11
-FLAVOURS = [((3, 12), "torchgeo"), ((3, 11), "torchgeo<0.9")]
+CPU_TORCH, PYPI_TORCH = "torch==2.13.0+cpu", "torch==2.13.0"
+# (minimum Python, TorchGeo requirement, torch requirement): the newest TorchGeo first (with the
+# CPU torch, else PyPI's CUDA build), then the last TorchGeo for 3.11
+FLAVOURS = [((3, 12), "torchgeo", CPU_TORCH), ((3, 12), "torchgeo", PYPI_TORCH),
+            ((3, 11), "torchgeo<0.9", CPU_TORCH)]
 INSTALL_TIMEOUT_S = 1800
 
 
@@ -92,11 +95,13 @@ def find_pythons() -> dict[tuple[int, int], str]:
     return found
 
 
-def ensure_venv(python: str, version: tuple[int, int], requirement: str,
+def ensure_venv(python: str, version: tuple[int, int], requirement: str, torch_spec: str,
                 retry: bool) -> tuple[Path | None, str]:
-    """A venv with ``requirement`` and the CPU torch, created once: ``(its python, '')`` or
+    """A venv with ``requirement`` and ``torch_spec``, created once: ``(its python, '')`` or
     ``(None, why not)``. Outcomes are remembered in the venv folder (``.ready``/``.failed``)."""
-    venv = cache_dir() / f"torchgeo-venv-py{version[0]}.{version[1]}"
+    spec = os.environ.get("PGGEOLEARN_TORCH_SPEC", torch_spec)
+    flavour = "" if spec == CPU_TORCH else "-" + spec.replace("=", "").replace("+", "")
+    venv = cache_dir() / f"torchgeo-venv-py{version[0]}.{version[1]}{flavour}"
     ready, failed = venv / ".ready", venv / ".failed"
     if ready.exists():
         return venv / "bin" / "python", ""
@@ -104,16 +109,18 @@ def ensure_venv(python: str, version: tuple[int, int], requirement: str,
         return None, failed.read_text().strip() + " (remembered; --retry-install tries again)"
     shutil.rmtree(venv, ignore_errors=True)
     venv.parent.mkdir(parents=True, exist_ok=True)
-    print(f"creating {venv} (Python {version[0]}.{version[1]}: {TORCH_SPEC}, {requirement}); "
-          "the first time this downloads a few hundred MB of wheels", flush=True)
+    size = ("about 5 GB of wheels (PyPI's torch is a CUDA build; it runs on the CPU here)"
+            if spec == PYPI_TORCH else "a few hundred MB of wheels")
+    print(f"creating {venv} (Python {version[0]}.{version[1]}: {spec}, {requirement}); "
+          f"the first time this downloads {size}", flush=True)
     py = str(venv / "bin" / "python")
     steps = [([python, "-m", "venv", str(venv)], "creating the venv failed"),
-             ([py, "-m", "pip", "install", "--quiet", TORCH_SPEC],
-              f"no {TORCH_SPEC} wheel for it on the package indexes configured here (PyPI's Linux "
+             ([py, "-m", "pip", "install", "--quiet", spec],
+              f"no {spec} wheel for it on the package indexes configured here (PyPI's Linux "
               "torch wheels are CUDA builds; add the PyTorch CPU wheel index with "
               "PIP_EXTRA_INDEX_URL, or set PGGEOLEARN_TORCH_SPEC)"),
              # TorchGeo 0.8 imports requests without declaring it
-             ([py, "-m", "pip", "install", "--quiet", TORCH_SPEC, requirement, "requests"],
+             ([py, "-m", "pip", "install", "--quiet", spec, requirement, "requests"],
               f"installing {requirement} failed"),
              ([py, __file__, "--torchgeo-check"], "TorchGeo does not import")]
     for cmd, meaning in steps:
@@ -145,7 +152,7 @@ def merged(notes: list[str]) -> list[str]:
 def torchgeo_python(fallback: bool, retry: bool) -> tuple[Path | None, list[str]]:
     """The first TorchGeo venv that installs, and why each one before it did not."""
     pythons, notes = find_pythons(), []
-    for minimum, requirement in FLAVOURS if fallback else FLAVOURS[:1]:
+    for minimum, requirement, torch_spec in FLAVOURS if fallback else FLAVOURS[:2]:
         exact = minimum == (3, 11)  # TorchGeo 0.8.x: Python 3.11 exactly (3.12 takes the newest)
         usable = sorted((v for v in pythons if (v == minimum if exact else v >= minimum)), reverse=True)
         if not usable:
@@ -153,7 +160,7 @@ def torchgeo_python(fallback: bool, retry: bool) -> tuple[Path | None, list[str]
                          f"(looked on PATH and in pyenv)")
             continue
         for v in usable:
-            exe, why = ensure_venv(pythons[v], v, requirement, retry)
+            exe, why = ensure_venv(pythons[v], v, requirement, torch_spec, retry)
             if exe:
                 return exe, notes
             notes.append(why)
