@@ -51,7 +51,8 @@ from pggeolearn.db import connect
 @click.option("--augment/--no-augment", default=None, help="Random flips and 90° rotations (and --jitter) [on].")
 @click.option("--patience", type=click.IntRange(0), default=None,
               help="Stop after this many epochs without a better val mIoU (0: never) "
-                   "[5; with --time-limit: never unless given].")
+                   "[5 with --schedule constant; never with cosine/step or --time-limit, "
+                   "which anneal to their end].")
 @click.option("--time-limit", "time_limit", type=click.FloatRange(min=0, min_open=True), default=None,
               metavar="MIN", help="A budget: the LR schedule anneals by then, and training stops "
                                   "before an epoch that would not fit (the report says why it stopped).")

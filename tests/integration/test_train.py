@@ -413,7 +413,11 @@ def test_time_limit_is_a_budget_not_a_patience(db_dsn, rects):
     r = train(db_dsn, "rects", "budget", epochs=3, time_limit_min=30, **(TINY | {"lr": 1e-30}))
     assert len(r.history) == 3 and r.stopped == "completed"
     assert registry.get(rects, "budget").hyperparameters["patience"] == 0
-    r = train(db_dsn, "rects", "budget5", epochs=1, **TINY)
+    # no patience given and no time limit: the annealing schedules run to their end, a
+    # constant rate stops after DEFAULT_PATIENCE epochs without a better val mIoU
+    r = train(db_dsn, "rects", "cosine", epochs=1, **TINY)
+    assert registry.get(rects, "cosine").hyperparameters["patience"] == 0
+    r = train(db_dsn, "rects", "budget5", epochs=1, schedule="constant", **TINY)
     assert registry.get(rects, "budget5").hyperparameters["patience"] == 5
     r = train(db_dsn, "rects", "budget1", epochs=1, time_limit_min=30, patience=1, **TINY)
     assert registry.get(rects, "budget1").hyperparameters["patience"] == 1
