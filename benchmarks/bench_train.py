@@ -50,12 +50,25 @@ CONFIGS = {  # each a change to the defaults (pggeolearn.training.loop.DEFAULTS)
 }
 
 
-def build_dataset(dsn: str, data: Path) -> str:
+def build_dataset(dsn: str, data: Path, resolution_factor: float = 1.0, *, load: bool = True) -> str:
+    """The demo's Banepa dataset (256 px tiles); ``resolution_factor`` F != 1: the same recipe at
+    F x the imagery's pixel size (named ``banepa_xF``; the same extent, so for an integer F every
+    coarse tile covers exactly F x F native tiles). ``load=False``: the data is already imported."""
     with connect(dsn, autocommit=True) as conn:
-        image_table, _, label_sql, classes, resolution = demo.load_banepa(conn, data)
-        datasets.create(conn, demo.recipe("banepa", image_table, label_sql, classes, resolution))
-        chips.build(conn, "banepa", jobs=2, progress=False)
-    return "banepa"
+        if load:
+            image_table, _, label_sql, classes, resolution = demo.load_banepa(conn, data)
+        else:
+            image_table, label_sql, classes = "public.banepa_train", demo.BANEPA_BUILDINGS, {1: "building"}
+            resolution = None
+        name = "banepa"
+        if resolution_factor != 1.0:
+            # the exact pixel size (raster_columns rounds it), times F
+            resolution = conn.execute(f"SELECT ST_ScaleX(rast) FROM {image_table} LIMIT 1").fetchone()[0]
+            resolution *= resolution_factor
+            name = f"banepa_x{resolution_factor:g}".replace(".", "_")
+        datasets.create(conn, demo.recipe(name, image_table, label_sql, classes, resolution))
+        chips.build(conn, name, jobs=2, progress=False)
+    return name
 
 
 def run_one(dsn: str, dataset: str, framework: str, config: str, minutes: float, tta: bool) -> dict:
