@@ -3,7 +3,10 @@
 The only module of pggeolearn that imports mxnet. MXNet 1.9.1 still uses the numpy aliases
 ``np.bool``, ``np.int``, ``np.float``, ``np.complex``, ``np.object`` and ``np.str`` that numpy
 1.24 removed, so they are put back (as the builtins they always were) before ``import mxnet``,
-and the FutureWarnings that import raises are silenced.
+and the FutureWarnings that import raises are silenced. MXNet runs its operators on half the
+CPUs it sees (it assumes two hyperthreads per core: on a 2-core machine, one thread, and 1.5x
+longer epochs), so unless ``OMP_NUM_THREADS`` or ``MXNET_OMP_MAX_THREADS`` says otherwise it is
+given all the CPUs this process may use, as torch uses them.
 
 Batches leave the stream as uint8 and are normalized on the device (``ctx``): a quarter of the
 bytes to copy, and the float work where it is cheap.
@@ -11,6 +14,7 @@ bytes to copy, and the float work where it is cheap.
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -27,10 +31,16 @@ def _restore_numpy_aliases() -> None:
             setattr(np, name, value)
 
 
+def _use_all_cpus() -> None:
+    if "OMP_NUM_THREADS" not in os.environ and "MXNET_OMP_MAX_THREADS" not in os.environ:
+        os.environ["MXNET_OMP_MAX_THREADS"] = str(len(os.sched_getaffinity(0)))
+
+
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", FutureWarning)
     warnings.simplefilter("ignore", DeprecationWarning)
     _restore_numpy_aliases()
+    _use_all_cpus()
     import mxnet as mx
 
 from pggeolearn import errors  # noqa: E402

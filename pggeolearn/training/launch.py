@@ -144,8 +144,9 @@ def train_parallel(dsn: str | None, dataset: str, model_name: str, nproc: int, o
     except (pickle.PicklingError, AttributeError, TypeError) as exc:
         raise errors.ConfigError(f"with nproc > 1 the training options must be picklable "
                                  f"(on_chips a module-level function): {exc}") from None
-    env = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")
-           or str(max(1, (os.cpu_count() or 1) // nproc))}
+    threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // nproc))
+    # the cores shared out: MXNet reads its own variable first (pggeolearn.mxnet sets it)
+    env = {"OMP_NUM_THREADS": threads, "MXNET_OMP_MAX_THREADS": threads}
     servers: list[subprocess.Popen] = []
     if framework == "torch":
         spec = {"framework": "torch", "port": free_port()}
