@@ -8,9 +8,9 @@ The data: the Banepa mosaics and OSM buildings in ``../shared/data/banepa`` (ski
 message when absent), imported into a scratch database and cut into the demo's dataset (256 px
 tiles, spatial train/val/test blocks). Every configuration trains with ``--time-limit MINUTES``
 (the schedule anneals by then), or with ``--epochs N`` for N epochs each (the same training
-whatever the machine's load: to compare configurations epoch for epoch); the best epoch on **val** is the model, scored on the untouched
-**test** split, plain and with test-time augmentation (``evaluate --tta``). Configurations (``--configs``,
-in order; ``default`` is what ``pggeolearn train`` does with no options, every other one
+whatever the machine's load: to compare configurations epoch for epoch); the best epoch on
+**val** is the model, scored on the untouched **test** split, plain and with test-time
+augmentation (``evaluate --tta``). Configurations (``--configs``, in order; ``default`` is what ``pggeolearn train`` does with no options, every other one
 changes it):
 
 * ``bilinear``: logits upsampled bilinearly instead of the full-resolution refinement layer
@@ -23,9 +23,9 @@ changes it):
   and jitter together.
 
 The default run trains the defaults and ``dice`` (the IoU-shaped loss) in both frameworks
-(4 runs, 40 minutes); name other configurations to compare them. The table gives epochs run, best val mIoU, test mIoU (plain and TTA), test
-building IoU and the gain over the first configuration of the same framework; the PNG
-(matplotlib) plots val mIoU against wall time.
+(4 runs, 40 minutes); name other configurations to compare them. The table gives epochs run,
+best val mIoU, test mIoU (plain and TTA), test building IoU and the gain over the first
+configuration of the same framework; the PNG (matplotlib) plots val mIoU against wall time.
 """
 
 from __future__ import annotations
