@@ -10,8 +10,8 @@ tiles, spatial train/val/test blocks). Every configuration trains with ``--time-
 (the schedule anneals by then), or with ``--epochs N`` for N epochs each (the same training
 whatever the machine's load: to compare configurations epoch for epoch); the best epoch on
 **val** is the model, scored on the untouched **test** split, plain and with test-time
-augmentation (``evaluate --tta``). Configurations (``--configs``, in order; ``default`` is what ``pggeolearn train`` does with no options, every other one
-changes it):
+augmentation (``evaluate --tta``). Configurations (``--configs``, in order; ``default`` is
+what ``pggeolearn train`` does with no options, every other one changes it):
 
 * ``bilinear``: logits upsampled bilinearly instead of the full-resolution refinement layer
   (``--head bilinear``);
