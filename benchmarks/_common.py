@@ -91,8 +91,33 @@ def cores_free(seconds: float = 1.5) -> float:
         return sum(pool.map(_spin, [seconds, seconds])) / seconds
 
 
+def cpu_ticks() -> list[int] | None:
+    """The machine's CPU time counters (/proc/stat: user nice system idle iowait irq softirq
+    steal ...), or None off Linux."""
+    try:
+        with open("/proc/stat") as f:
+            return [int(v) for v in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+
+
+_TICKS_AT_START = cpu_ticks()
+
+
+def steal_share(since: list[int] | None = _TICKS_AT_START) -> float | None:
+    """The share of CPU time the hypervisor gave to other guests since ``since`` (a
+    :func:`cpu_ticks`; default: when this module was imported), from /proc/stat's steal column:
+    on a shared cloud machine the cause of most run-to-run spread in wall time."""
+    now = cpu_ticks()
+    if now is None or since is None or len(now) < 8:
+        return None
+    delta = [b - a for a, b in zip(since, now, strict=False)]
+    return delta[7] / sum(delta) if sum(delta) else 0.0
+
+
 def conditions() -> str:
-    """One line to print beside every table: commit, cores, cores free, load average."""
+    """One line to print beside every table: commit, cores, cores free, load average and the CPU
+    time the hypervisor stole since the benchmark started."""
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                                 text=True, cwd=Path(__file__).parent, check=True).stdout.strip()
@@ -102,5 +127,7 @@ def conditions() -> str:
     except (OSError, subprocess.CalledProcessError):
         commit = "unknown"
     load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
-    return (f"commit {commit}; {os.cpu_count()} cores, two busy processes got {cores_free():.2f}; "
+    line = (f"commit {commit}; {os.cpu_count()} cores, two busy processes got {cores_free():.2f}; "
             f"load average {load}")
+    steal = steal_share()
+    return line if steal is None else f"{line}; hypervisor steal {steal:.0%} since start"

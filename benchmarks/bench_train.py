@@ -25,7 +25,9 @@ what ``pggeolearn train`` does with no options, every other one changes it):
 The default run trains the defaults and ``dice`` (the IoU-shaped loss) in both frameworks
 (4 runs, 40 minutes); name other configurations to compare them. The table gives epochs run,
 best val mIoU, test mIoU (plain and TTA), test building IoU and the gain over the first
-configuration of the same framework; the PNG (matplotlib) plots val mIoU against wall time.
+configuration of the same framework, and the share of CPU time the hypervisor stole during
+each training (/proc/stat: on a shared cloud machine it moves the epochs a budget buys); the
+PNG (matplotlib) plots val mIoU against wall time.
 """
 
 from __future__ import annotations
@@ -38,7 +40,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from _common import SHARED_DATA, conditions, print_table, scratch_database  # noqa: E402
+from _common import (  # noqa: E402
+    SHARED_DATA,
+    conditions,
+    cpu_ticks,
+    print_table,
+    scratch_database,
+    steal_share,
+)
 
 from pggeolearn import chips, datasets, demo  # noqa: E402
 from pggeolearn.db.connect import connect  # noqa: E402
@@ -82,6 +91,7 @@ def run_one(dsn: str, dataset: str, framework: str, config: str, minutes: float 
     from pggeolearn.evaluate import evaluate
 
     curve: list[tuple[float, float]] = []
+    ticks = cpu_ticks()
     t0 = time.perf_counter()
     model = f"bench-{framework}-{config}"
     budget = {"epochs": epochs} if epochs else {"epochs": 1000, "time_limit_min": minutes}
@@ -90,9 +100,11 @@ def run_one(dsn: str, dataset: str, framework: str, config: str, minutes: float 
                          on_epoch=lambda r: curve.append((time.perf_counter() - t0, r["val"]["miou"])),
                          **CONFIGS[config])
     seconds = time.perf_counter() - t0
+    steal = steal_share(ticks)
     test = evaluate(dsn, model, dataset=dataset, split="test", progress=False)
     row = {"framework": framework, "config": config, "epochs": len(rep.history), "seconds": seconds,
-           "val": rep.best.miou, "test": test.scores.miou, "building": test.scores.iou[-1], "curve": curve}
+           "steal": "n/a" if steal is None else f"{steal:.0%}", "val": rep.best.miou,
+           "test": test.scores.miou, "building": test.scores.iou[-1], "curve": curve}
     if tta:
         row["test_tta"] = evaluate(dsn, model, dataset=dataset, split="test", progress=False,
                                    tta=True).scores.miou
@@ -151,12 +163,13 @@ def main() -> None:
     table = []
     for r in rows:
         ref = first.setdefault(r["framework"], r["test"])
-        table.append([r["framework"], r["config"], r["epochs"], f"{r['seconds'] / 60:.1f}", f"{r['val']:.3f}",
+        table.append([r["framework"], r["config"], r["epochs"], f"{r['seconds'] / 60:.1f}", r["steal"],
+                      f"{r['val']:.3f}",
                       f"{r['test']:.3f}", f"{r['building']:.3f}"]
                      + ([f"{r['test_tta']:.3f}"] if args.tta else []) + [f"{r['test'] - ref:+.3f}"])
     budget = f"{args.epochs} epochs per run" if args.epochs else f"{args.minutes:g} min budget per run"
     print_table(f"Banepa buildings, {budget} on the CPU (test: the untouched split)",
-                ["framework", "config", "epochs", "min", "val mIoU", "test mIoU", "test IoU building"]
+                ["framework", "config", "epochs", "min", "steal", "val mIoU", "test mIoU", "test IoU building"]
                 + (["test mIoU, TTA"] if args.tta else []) + ["gain"], table)
     print(conditions())
     plot(rows, args.png)
