@@ -164,8 +164,7 @@ def main() -> None:
     for r in rows:
         ref = first.setdefault(r["framework"], r["test"])
         table.append([r["framework"], r["config"], r["epochs"], f"{r['seconds'] / 60:.1f}", r["steal"],
-                      f"{r['val']:.3f}",
-                      f"{r['test']:.3f}", f"{r['building']:.3f}"]
+                      f"{r['val']:.3f}", f"{r['test']:.3f}", f"{r['building']:.3f}"]
                      + ([f"{r['test_tta']:.3f}"] if args.tta else []) + [f"{r['test'] - ref:+.3f}"])
     budget = f"{args.epochs} epochs per run" if args.epochs else f"{args.minutes:g} min budget per run"
     print_table(f"Banepa buildings, {budget} on the CPU (test: the untouched split)",
