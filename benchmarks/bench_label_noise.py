@@ -28,7 +28,9 @@ Per split (train, val, test), from the model's predictions of every chip:
   foreground, or a labelled object of that size with at most 10 % of it predicted: their share
   of the wrong pixels, and the mIoU with each counted as right. Both kinds are there: objects
   the labels miss (a roof not mapped) and objects the model gets wrong (a bus read as a roof),
-  so the forgiven mIoU is the most that completing the labels could add, not what it would add.
+  so the forgiven mIoU is the most that correcting the labels object by object could add, not
+  what it would add. Foreground: every model channel but 0 (the lowest class id, background
+  in a recipe that numbers it 0), classes lumped together.
 
 A model that fits its own train split no better than val, with a "labels moved" ceiling close to
 the plain mIoU, is limited by what the labels say inside objects (missing or generalised
@@ -283,7 +285,8 @@ def whole_objects(truth: np.ndarray, pred: np.ndarray, min_px: int) -> tuple[np.
     prediction, and the number of wrong pixels that changes. Foreground: any class but 0."""
     counted = truth != IGNORE
     fixed = truth.copy()
-    for mine, theirs in ((pred != 0, (truth != 0) & counted), ((truth != 0) & counted, pred != 0)):
+    for mine, theirs in (((pred != 0) & counted, (truth != 0) & counted),
+                         ((truth != 0) & counted, pred != 0)):
         ids, n = components(mine)
         if not n:
             continue
