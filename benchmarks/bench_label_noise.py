@@ -54,6 +54,7 @@ from bench_train import build_dataset  # noqa: E402
 from pggeolearn import wkb  # noqa: E402
 from pggeolearn.db.connect import connect  # noqa: E402
 from pggeolearn.predict import call_model, load_model, model_class_ids  # noqa: E402
+from pggeolearn.predict.components import label_components  # noqa: E402
 from pggeolearn.training import metrics  # noqa: E402
 
 IGNORE = metrics.IGNORE
@@ -269,17 +270,6 @@ def near_edge(truth: np.ndarray, width: int) -> np.ndarray:
     return edge
 
 
-def components(mask: np.ndarray) -> tuple[np.ndarray, int]:
-    """4-connected components of ``mask``: ``(ids, n)``, ids 1..n, 0 outside the mask."""
-    from rasterio import features
-
-    shapes = [(g, i) for i, (g, _) in enumerate(
-        features.shapes(mask.astype(np.uint8), mask=mask, connectivity=4), start=1)]
-    if not shapes:
-        return np.zeros(mask.shape, np.int32), 0
-    return features.rasterize(shapes, out_shape=mask.shape, dtype="int32"), len(shapes)
-
-
 def whole_objects(truth: np.ndarray, pred: np.ndarray, min_px: int) -> tuple[np.ndarray, int]:
     """``truth`` with every whole-object disagreement (see the module docstring) set to the
     prediction, and the number of wrong pixels that changes. Foreground: any class but 0."""
@@ -287,7 +277,8 @@ def whole_objects(truth: np.ndarray, pred: np.ndarray, min_px: int) -> tuple[np.
     fixed = truth.copy()
     for mine, theirs in (((pred != 0) & counted, (truth != 0) & counted),
                          ((truth != 0) & counted, pred != 0)):
-        ids, n = components(mine)
+        ids, kinds = label_components(mine.astype(np.uint8), skip=(0,))
+        n = len(kinds)
         if not n:
             continue
         size = np.bincount(ids.ravel(), minlength=n + 1)
